@@ -1,0 +1,26 @@
+//! Block devices and on-disk image formats.
+//!
+//! Layers, bottom to top: [`storage`] (positional blocking file I/O, cache
+//! modes), format engines ([`raw`], [`qcow2`]) implementing
+//! [`format::Format`], [`image::Image`] which stacks a format on its backing
+//! chain and implements [`device::BlockDevice`], and [`open`], the one entry
+//! point that opens or creates any image. Nothing here knows the network:
+//! URI backings come in through [`open::Opener`].
+
+pub mod device;
+pub mod error;
+pub mod format;
+pub mod image;
+pub mod lock;
+pub mod open;
+pub mod qcow2;
+pub mod rangelock;
+pub mod raw;
+pub mod storage;
+
+pub use device::{BlockDevice, DeviceInfo, Extent, ExtentKind, WriteFlags};
+pub use error::{Error, ErrorKind, Result};
+pub use format::{BackingSpec, Format};
+pub use image::Image;
+pub use open::{CreateOptions, FormatKind, OpenOptions, create, open};
+pub use storage::CacheMode;

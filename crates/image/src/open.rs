@@ -1,0 +1,346 @@
+//! The one entry point that opens and creates images.
+//!
+//! [`open`] opens an image file of any format from an [`OpenOptions`], then
+//! its backing chain through the same code path, read-only, with a depth
+//! counter and loop detection. Backing names are resolved like QEMU does:
+//! relative paths against the directory of the image that names them. A
+//! backing's format must be named (the header's backing format); content is
+//! never probed below the top image, so a raw backing cannot pass itself off
+//! as qcow2. Names with a URI scheme (`nbd://`, `http://` ...) go to an
+//! [`Opener`] that later layers plug in; the image crate has no network code.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::device::BlockDevice;
+use crate::format::{BackingSpec, Format};
+use crate::image::Image;
+use crate::storage::{CacheMode, FileStorage, Storage};
+use crate::{Error, Result, lock, qcow2, raw};
+
+/// Same bound as crosvm's `MAX_NESTING_DEPTH`; QEMU has none, but a chain this
+/// deep is a loop or an attack, not a deployment.
+pub const MAX_CHAIN_DEPTH: u32 = 16;
+
+/// Opens backings named by URI. Returns `Ok(None)` for names it does not handle.
+#[async_trait]
+pub trait Opener: Send + Sync + std::fmt::Debug {
+    async fn open_backing(
+        &self,
+        name: &str,
+        format: Option<&str>,
+        opts: &OpenOptions,
+    ) -> Result<Option<Arc<dyn BlockDevice>>>;
+}
+
+/// Which backing an image gets.
+#[derive(Clone, Debug, Default)]
+pub enum BackingChoice {
+    /// The one its header names.
+    #[default]
+    FromHeader,
+    /// None, whatever the header says (QEMU's `backing: null`).
+    None,
+    /// This device.
+    Device(Arc<dyn BlockDevice>),
+}
+
+/// Options for [`open`].
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    pub writable: bool,
+    pub cache: CacheMode,
+    /// Like `qemu-img -U`: open even while another process writes the image.
+    pub force_share: bool,
+    /// The format; `None` probes the top image (never a backing).
+    pub format: Option<String>,
+    pub backing: BackingChoice,
+    pub opener: Option<Arc<dyn Opener>>,
+    pub max_depth: u32,
+    /// Bytes of qcow2 L2 tables kept in memory; `None` for the default.
+    pub metadata_cache_bytes: Option<u64>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            writable: false,
+            cache: CacheMode::Writeback,
+            force_share: false,
+            format: None,
+            backing: BackingChoice::FromHeader,
+            opener: None,
+            max_depth: MAX_CHAIN_DEPTH,
+            metadata_cache_bytes: None,
+        }
+    }
+}
+
+/// Image formats diskstream knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FormatKind {
+    Qcow2,
+    Raw,
+}
+
+impl FormatKind {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "qcow2" => Ok(FormatKind::Qcow2),
+            "raw" => Ok(FormatKind::Raw),
+            other => Err(Error::InvalidInput(format!(
+                "unknown image format '{other}' (known: qcow2, raw)"
+            ))),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            FormatKind::Qcow2 => "qcow2",
+            FormatKind::Raw => "raw",
+        }
+    }
+}
+
+/// Guesses the format of a top image from its first bytes.
+pub fn probe(storage: &dyn Storage) -> Result<FormatKind> {
+    let mut magic = [0u8; 4];
+    storage
+        .read_at(&mut magic, 0)
+        .map_err(|e| Error::io(storage.path(), "read header", e))?;
+    Ok(if magic == qcow2::MAGIC {
+        FormatKind::Qcow2
+    } else {
+        FormatKind::Raw
+    })
+}
+
+/// Opens the image at `path` and its backing chain.
+pub async fn open(path: &Path, opts: &OpenOptions) -> Result<Arc<Image>> {
+    let mut seen = HashSet::new();
+    open_at_depth(path, opts, 0, &mut seen).await
+}
+
+fn open_at_depth<'a>(
+    path: &'a Path,
+    opts: &'a OpenOptions,
+    depth: u32,
+    seen: &'a mut HashSet<PathBuf>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Arc<Image>>> + Send + 'a>> {
+    Box::pin(async move {
+        let canonical = std::fs::canonicalize(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound {
+                path: path.to_owned(),
+                message: "no such file".into(),
+            },
+            _ => Error::io(path, "open", e),
+        })?;
+        if !seen.insert(canonical.clone()) {
+            return Err(Error::Backing {
+                path: path.to_owned(),
+                backing: path.display().to_string(),
+                message: "backing chain loops back to this image".into(),
+            });
+        }
+        let storage: Arc<dyn Storage> = {
+            let (p, w, c) = (canonical.clone(), opts.writable, opts.cache);
+            let fs = tokio::task::spawn_blocking(move || FileStorage::open(&p, w, c))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?
+                .map_err(|e| Error::io(path, "open", e))?;
+            Arc::new(fs)
+        };
+        let access = if opts.writable {
+            lock::Access::ReadWrite
+        } else {
+            lock::Access::Read
+        };
+        lock::apply(&*storage, access, opts.force_share)?;
+        let kind = match &opts.format {
+            Some(f) => FormatKind::parse(f)?,
+            None => probe(&*storage)?,
+        };
+        let format = open_format(storage, kind, opts).await?;
+        let backing = match &opts.backing {
+            BackingChoice::None => None,
+            BackingChoice::Device(d) => Some(Arc::clone(d)),
+            BackingChoice::FromHeader => match format.backing() {
+                None => None,
+                Some(spec) => Some(open_backing(path, &spec, opts, depth, seen).await?),
+            },
+        };
+        Ok(Arc::new(Image::new(format, backing)))
+    })
+}
+
+/// Opens the format engine over already opened storage (also used by tests
+/// that run the engine over memory or a recording layer).
+pub async fn open_format(
+    storage: Arc<dyn Storage>,
+    kind: FormatKind,
+    opts: &OpenOptions,
+) -> Result<Arc<dyn Format>> {
+    let writable = opts.writable;
+    let cache_bytes = opts.metadata_cache_bytes;
+    let task = tokio::task::spawn_blocking(move || -> Result<Arc<dyn Format>> {
+        Ok(match kind {
+            FormatKind::Qcow2 => {
+                let o = qcow2::Qcow2Options {
+                    writable,
+                    cache_bytes,
+                };
+                Arc::new(qcow2::Qcow2::open(storage, &o)?)
+            }
+            FormatKind::Raw => Arc::new(raw::Raw::open(storage, writable)?),
+        })
+    });
+    task.await.map_err(|e| Error::Internal(e.to_string()))?
+}
+
+/// Where a backing name points, relative names resolved against the
+/// directory of the image that names it (as QEMU does).
+pub fn resolve_backing_path(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.to_owned();
+    }
+    image.parent().unwrap_or(Path::new(".")).join(p)
+}
+
+/// Whether a backing name is a URI for an [`Opener`] rather than a path.
+pub fn is_uri(name: &str) -> bool {
+    name.split_once("://").is_some_and(|(scheme, _)| {
+        !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    })
+}
+
+async fn open_backing(
+    image: &Path,
+    spec: &BackingSpec,
+    opts: &OpenOptions,
+    depth: u32,
+    seen: &mut HashSet<PathBuf>,
+) -> Result<Arc<dyn BlockDevice>> {
+    let fail = |message: String| Error::Backing {
+        path: image.to_owned(),
+        backing: spec.name.clone(),
+        message,
+    };
+    if depth + 1 >= opts.max_depth {
+        return Err(fail(format!(
+            "backing chain deeper than {} images",
+            opts.max_depth
+        )));
+    }
+    if spec.name.starts_with("json:") {
+        return Err(fail("json: backing names are not supported".into()));
+    }
+    let Some(format) = spec.format.as_deref() else {
+        return Err(fail(
+            "the image does not record the backing format; diskstream never probes a backing \
+             (set it with: qemu-img rebase -u -b NAME -F FMT)"
+                .into(),
+        ));
+    };
+    let bopts = OpenOptions {
+        writable: false,
+        format: Some(format.to_string()),
+        backing: BackingChoice::FromHeader,
+        ..opts.clone()
+    };
+    if is_uri(&spec.name) {
+        let Some(opener) = &opts.opener else {
+            return Err(fail("no opener for this URI scheme".into()));
+        };
+        return match opener.open_backing(&spec.name, Some(format), &bopts).await {
+            Ok(Some(dev)) => Ok(dev),
+            Ok(None) => Err(fail("unsupported URI scheme".into())),
+            Err(e) => Err(fail(e.to_string())),
+        };
+    }
+    FormatKind::parse(format).map_err(|e| fail(e.to_string()))?;
+    let bpath = resolve_backing_path(image, &spec.name);
+    match open_at_depth(&bpath, &bopts, depth + 1, seen).await {
+        Ok(img) => Ok(img as Arc<dyn BlockDevice>),
+        Err(e @ Error::Backing { .. }) => Err(e),
+        Err(e) => Err(fail(e.to_string())),
+    }
+}
+
+/// Options for [`create`].
+#[derive(Clone, Debug, Default)]
+pub struct CreateOptions {
+    /// Virtual size; `None` takes the backing's size.
+    pub size: Option<u64>,
+    pub backing: Option<BackingSpec>,
+    /// qcow2 cluster size; `None` for the default (64 KiB).
+    pub cluster_size: Option<u64>,
+    pub cache: CacheMode,
+}
+
+/// Creates an image file. The file must not be left half-made: on error it
+/// is removed.
+pub async fn create(path: &Path, kind: FormatKind, opts: &CreateOptions) -> Result<()> {
+    if kind == FormatKind::Raw && opts.backing.is_some() {
+        return Err(Error::InvalidInput(
+            "raw images cannot have a backing file".into(),
+        ));
+    }
+    let size = match (opts.size, &opts.backing) {
+        (Some(s), _) => s,
+        (None, Some(spec)) => {
+            let bopts = OpenOptions {
+                format: spec.format.clone(),
+                force_share: true,
+                ..OpenOptions::default()
+            };
+            if spec.format.is_none() {
+                return Err(Error::InvalidInput(format!(
+                    "{}: backing format must be given with -F",
+                    path.display()
+                )));
+            }
+            if is_uri(&spec.name) {
+                return Err(Error::InvalidInput(format!(
+                    "{}: give the size: the backing {} is not a local file",
+                    path.display(),
+                    spec.name
+                )));
+            }
+            let bpath = resolve_backing_path(path, &spec.name);
+            open(&bpath, &bopts).await?.size()
+        }
+        (None, None) => {
+            return Err(Error::InvalidInput(format!(
+                "{}: a size is needed when there is no backing file",
+                path.display()
+            )));
+        }
+    };
+    let (p, o) = (path.to_owned(), opts.clone());
+    let result = tokio::task::spawn_blocking(move || -> Result<()> {
+        let storage = FileStorage::create(&p, o.cache).map_err(|e| Error::io(&p, "create", e))?;
+        match kind {
+            FormatKind::Qcow2 => qcow2::create(
+                &storage,
+                &qcow2::CreateOptions {
+                    size,
+                    cluster_size: o.cluster_size,
+                    backing: o.backing.clone(),
+                },
+            ),
+            FormatKind::Raw => raw::create(&storage, size),
+        }
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?;
+    if result.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}

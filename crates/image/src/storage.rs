@@ -1,0 +1,367 @@
+//! Positional, blocking storage under the format engines.
+//!
+//! Format engines (qcow2, raw) do their file I/O through [`Storage`], never
+//! through a `File` directly, for two reasons: the cache mode (`writeback`
+//! through the page cache, or `none` = `O_DIRECT` with aligned bounce buffers)
+//! lives in one place, and tests can put a recording layer underneath that
+//! logs every write and flush to replay power-loss states.
+//!
+//! Every method blocks; callers on the async runtime go through
+//! `tokio::task::spawn_blocking`.
+
+use std::fmt::Debug;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Byte-addressed blocking storage.
+#[allow(clippy::len_without_is_empty)] // a length, not a collection
+pub trait Storage: Send + Sync + Debug {
+    /// Reads `buf.len()` bytes at `offset`; bytes past the end read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, growing the storage as needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable (fdatasync).
+    fn flush(&self) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Deallocates a range so it reads as zeros. The default writes zeros.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        write_zeros(self, offset, len)
+    }
+    /// The first offset at or after `offset` that holds data, if any
+    /// (`SEEK_DATA`). The default treats everything below `len()` as data.
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        Ok((offset < self.len()?).then_some(offset))
+    }
+    /// The first offset at or after `offset` that is a hole (`SEEK_HOLE`);
+    /// the end of the storage counts as a hole.
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        Ok(self.len()?.max(offset))
+    }
+    /// The path for messages and locks, when this is a file.
+    fn path(&self) -> &Path;
+    /// The open file, for OFD locks; `None` for storage that is not a file.
+    fn file(&self) -> Option<&File> {
+        None
+    }
+}
+
+/// Writes `len` zero bytes at `offset` in chunks.
+pub fn write_zeros<S: Storage + ?Sized>(s: &S, offset: u64, len: u64) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let n = (end - pos).min(CHUNK) as usize;
+        s.write_at(&zeros[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// How a file is cached, as QEMU's `cache=` option.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Through the page cache; flush calls fdatasync.
+    #[default]
+    Writeback,
+    /// `O_DIRECT`: no page cache; flush still calls fdatasync.
+    None,
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "writeback" => Ok(CacheMode::Writeback),
+            "none" => Ok(CacheMode::None),
+            _ => Err(format!(
+                "unknown cache mode '{s}' (expected writeback or none)"
+            )),
+        }
+    }
+}
+
+/// O_DIRECT alignment for offsets, lengths and buffers. 4 KiB is safe on
+/// every device with 512-byte or 4 KiB logical sectors.
+const DIRECT_ALIGN: usize = 4096;
+
+/// A file on the local filesystem.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+    direct: bool,
+    /// Serialises O_DIRECT read-modify-write of partial blocks.
+    rmw: Mutex<()>,
+}
+
+impl FileStorage {
+    /// Opens an existing file.
+    pub fn open(path: &Path, writable: bool, cache: CacheMode) -> io::Result<Self> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(writable);
+        Self::open_with(path, opts, cache)
+    }
+
+    /// Creates (or truncates) a file.
+    pub fn create(path: &Path, cache: CacheMode) -> io::Result<Self> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true).create(true).truncate(true);
+        Self::open_with(path, opts, cache)
+    }
+
+    fn open_with(path: &Path, mut opts: OpenOptions, cache: CacheMode) -> io::Result<Self> {
+        let direct = cache == CacheMode::None;
+        if direct {
+            opts.custom_flags(libc::O_DIRECT);
+        }
+        let file = opts.open(path)?;
+        Ok(FileStorage {
+            file,
+            path: path.to_owned(),
+            direct,
+            rmw: Mutex::new(()),
+        })
+    }
+
+    fn aligned(offset: u64, len: usize) -> bool {
+        offset % DIRECT_ALIGN as u64 == 0 && len % DIRECT_ALIGN == 0
+    }
+
+    fn read_exact_zero_fill(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A heap buffer aligned for O_DIRECT.
+struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len.max(DIRECT_ALIGN), DIRECT_ALIGN)
+            .expect("valid layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        AlignedBuf { ptr, len }
+    }
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr points at `len` initialised (zeroed) bytes owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len.max(DIRECT_ALIGN), DIRECT_ALIGN)
+            .expect("valid layout");
+        // SAFETY: allocated in `new` with this same layout.
+        unsafe { std::alloc::dealloc(self.ptr, layout) }
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if !self.direct
+            || (Self::aligned(offset, buf.len()) && buf.as_ptr() as usize % DIRECT_ALIGN == 0)
+        {
+            return self.read_exact_zero_fill(buf, offset);
+        }
+        let start = offset - offset % DIRECT_ALIGN as u64;
+        let end = (offset + buf.len() as u64).next_multiple_of(DIRECT_ALIGN as u64);
+        let mut bounce = AlignedBuf::new((end - start) as usize);
+        self.read_exact_zero_fill(bounce.as_mut(), start)?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&bounce.as_mut()[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if !self.direct
+            || (Self::aligned(offset, buf.len()) && buf.as_ptr() as usize % DIRECT_ALIGN == 0)
+        {
+            return self.file.write_all_at(buf, offset);
+        }
+        let start = offset - offset % DIRECT_ALIGN as u64;
+        let end = (offset + buf.len() as u64).next_multiple_of(DIRECT_ALIGN as u64);
+        let mut bounce = AlignedBuf::new((end - start) as usize);
+        let skip = (offset - start) as usize;
+        let partial = !Self::aligned(offset, buf.len());
+        // A partial block is read, patched and written back; two such
+        // read-modify-writes of one block must not interleave.
+        let _guard = partial.then(|| self.rmw.lock().unwrap_or_else(|e| e.into_inner()));
+        let old_len = self.file.metadata()?.len();
+        if partial {
+            // Only the first and the last block can be partial.
+            for block in [start, end - DIRECT_ALIGN as u64] {
+                if block < old_len {
+                    let b = (block - start) as usize;
+                    self.read_exact_zero_fill(&mut bounce.as_mut()[b..b + DIRECT_ALIGN], block)?;
+                }
+            }
+        }
+        bounce.as_mut()[skip..skip + buf.len()].copy_from_slice(buf);
+        self.file.write_all_at(bounce.as_mut(), start)?;
+        let new_end = offset + buf.len() as u64;
+        if end > old_len.max(new_end) {
+            // The padding grew the file past what was asked: trim it back.
+            self.file.set_len(old_len.max(new_end))?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let fd = self.file.as_raw_fd();
+        // SAFETY: fallocate on an owned, open descriptor with plain integers.
+        let r = unsafe {
+            libc::fallocate(
+                fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => write_zeros(self, offset, len),
+            _ => Err(err),
+        }
+    }
+
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        seek(&self.file, offset, libc::SEEK_DATA)
+    }
+
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        Ok(seek(&self.file, offset, libc::SEEK_HOLE)?.unwrap_or(offset.max(self.len()?)))
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+}
+
+/// `lseek` with `SEEK_DATA` / `SEEK_HOLE`; `None` when past the end (ENXIO).
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    // SAFETY: lseek on an owned, open descriptor. The file position it moves
+    // is never used: all I/O here is positional.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENXIO) {
+        return Ok(None);
+    }
+    Err(err)
+}
+
+/// Storage in memory, for tests and the power-loss recorder.
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    data: Mutex<Vec<u8>>,
+    path: PathBuf,
+}
+
+impl MemStorage {
+    pub fn new(name: &str) -> Self {
+        MemStorage {
+            data: Mutex::new(Vec::new()),
+            path: PathBuf::from(name),
+        }
+    }
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Self {
+        MemStorage {
+            data: Mutex::new(bytes),
+            path: PathBuf::from(name),
+        }
+    }
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        buf.fill(0);
+        if let Ok(off) = usize::try_from(offset)
+            && off < data.len()
+        {
+            let n = buf.len().min(data.len() - off);
+            buf[..n].copy_from_slice(&data[off..off + n]);
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let off =
+            usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let end = off + buf.len();
+        if data.len() < end {
+            data.resize(end, 0);
+        }
+        data[off..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.data.lock().unwrap_or_else(|e| e.into_inner()).len() as u64)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        self.data
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .resize(len, 0);
+        Ok(())
+    }
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
