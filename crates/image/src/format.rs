@@ -23,7 +23,10 @@ pub enum Mapping {
     /// Stored compressed; read it through [`Format::read`].
     Compressed,
     /// Allocated in this layer as zeros (a zero cluster, a raw hole).
-    Zero,
+    /// `host_offset` is where the range sits in the file when it has a place
+    /// there (a raw hole; a qcow2 zero cluster that keeps its allocation),
+    /// as qemu-img map reports it.
+    Zero { host_offset: Option<u64> },
     /// Not allocated in this layer: the backing (or zeros) shows through.
     Unallocated,
 }

@@ -315,7 +315,9 @@ impl BlockDevice for Image {
                 Mapping::Compressed => {
                     push_extent(&mut out, e(ExtentKind::Data, Some(0), None, true))
                 }
-                Mapping::Zero => push_extent(&mut out, e(ExtentKind::Zero, Some(0), None, false)),
+                Mapping::Zero { host_offset } => {
+                    push_extent(&mut out, e(ExtentKind::Zero, Some(0), host_offset, false))
+                }
                 Mapping::Unallocated => self.status_below(r.offset, r.length, &mut out).await?,
             }
         }

@@ -94,7 +94,9 @@ impl Format for Raw {
                 out.push(MappedRange {
                     offset: pos,
                     length: data - pos,
-                    mapping: Mapping::Zero,
+                    mapping: Mapping::Zero {
+                        host_offset: Some(pos),
+                    },
                 });
                 pos = data;
                 continue;
