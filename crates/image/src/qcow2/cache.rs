@@ -69,6 +69,10 @@ impl TableCache {
     /// The caller checks [`TableCache::full_of_dirty`] first; if every table
     /// is dirty the cache grows by one rather than lose data.
     pub fn insert(&mut self, offset: u64, data: Box<[u8]>, dirty: bool) {
+        debug_assert!(
+            self.slots.get(&offset).is_none_or(|s| !s.dirty),
+            "a dirty table at {offset:#x} would be replaced"
+        );
         if self.slots.len() >= self.capacity && !self.slots.contains_key(&offset) {
             let victim = self
                 .slots

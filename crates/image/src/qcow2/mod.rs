@@ -175,8 +175,10 @@ impl Meta {
             if self.l2.full_of_dirty() {
                 self.flush_meta()?;
             }
-            let data = self.read_table(off)?;
-            self.l2.insert(off, data, false);
+            if !self.l2.contains(off) {
+                let data = self.read_table(off)?;
+                self.l2.insert(off, data, false);
+            }
         }
         Ok(Some(off))
     }

@@ -82,6 +82,11 @@ impl Meta {
         }
         if self.rb.full_of_dirty() {
             self.flush_meta()?;
+            // The flush applies queued frees, which may have loaded (and
+            // changed) this very block: never replace it with a stale copy.
+            if self.rb.contains(off) {
+                return Ok(());
+            }
         }
         let data = self.read_table(off)?;
         self.rb.insert(off, data, false);
