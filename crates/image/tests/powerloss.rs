@@ -26,7 +26,9 @@ use common::*;
 use image::device::{BlockDevice, WriteFlags};
 use image::format::Format;
 use image::storage::{MemStorage, Storage};
-use image::testing::{ContentModel, CrashState, Recording, RecordingStorage, TestRng, env_count};
+use image::testing::{
+    ContentModel, CrashState, Event, Recording, RecordingStorage, TestRng, env_count,
+};
 use image::{Image, raw};
 
 #[derive(Clone, Debug)]
@@ -168,16 +170,17 @@ fn model_for(initial: &[u8], done: &[Done], st: &CrashState) -> ContentModel {
     m
 }
 
-/// The backing device, its content seen from an overlay of `size` bytes,
-/// and (name, format, bytes) to put next to a state for qemu-img.
-async fn make_backing(
-    cfg: &Config,
-    rng: &mut TestRng,
-) -> Option<(
+/// The backing device, its content seen from the overlay (zero-extended),
+/// and (file name, format, bytes) to put next to a state for qemu-img.
+type BackingParts = (
     Arc<dyn BlockDevice>,
     Vec<u8>,
     (&'static str, &'static str, Vec<u8>),
-)> {
+);
+
+/// The backing device, its content seen from an overlay of `size` bytes,
+/// and (name, format, bytes) to put next to a state for qemu-img.
+async fn make_backing(cfg: &Config, rng: &mut TestRng) -> Option<BackingParts> {
     match cfg.backing {
         Backing::None => None,
         Backing::Raw(bsize) => {
@@ -224,6 +227,59 @@ async fn make_backing(
     }
 }
 
+/// One recorded workload.
+struct Recorded {
+    backing: Option<BackingParts>,
+    initial: Vec<u8>,
+    done: Vec<Done>,
+    recording: Recording,
+}
+
+/// Runs the workload of `wseed` on a fresh overlay over a recording storage.
+async fn record(cfg: &Config, wseed: u64) -> Recorded {
+    let mut rng = TestRng::new(wseed);
+    let backing = make_backing(cfg, &mut rng).await;
+    let initial = backing
+        .as_ref()
+        .map_or_else(|| vec![0; cfg.size as usize], |b| b.1.clone());
+    let base = mem_qcow2_bytes(
+        cfg.size,
+        cfg.cluster,
+        backing.as_ref().map(|b| (b.2.0, b.2.1)),
+    );
+    let rec = Arc::new(RecordingStorage::new("overlay.qcow2", base));
+    let f = open_qcow2(rec.clone(), true).await.expect("open overlay");
+    let img = Image::new(f, backing.as_ref().map(|b| b.0.clone()));
+    let ops = workload(&mut rng, cfg.size, cfg.cluster, 48);
+    let mut done = Vec::new();
+    for op in ops {
+        let start = rec.position();
+        run_op(&img, &op).await;
+        done.push(Done {
+            op,
+            start,
+            end: rec.position(),
+        });
+    }
+    // Closing flushes and marks the image clean: crash states during the
+    // close are states too.
+    let start = rec.position();
+    img.close().await.expect("close");
+    done.push(Done {
+        op: Op::Flush,
+        start,
+        end: rec.position(),
+    });
+    let recording = rec.recording();
+    drop(img);
+    Recorded {
+        backing,
+        initial,
+        done,
+        recording,
+    }
+}
+
 async fn powerloss(cfg: Config) {
     let states = env_count("DS_POWERLOSS_STATES", 60);
     let seed = cfg.seed ^ env_count("DS_SEED", 0);
@@ -236,63 +292,38 @@ async fn powerloss(cfg: Config) {
     let mut qemu_checked = 0;
     for w in 0..workloads {
         let wseed = seed.wrapping_add(w * 7919);
-        let mut rng = TestRng::new(wseed);
-        let backing = make_backing(&cfg, &mut rng).await;
-        let initial = backing
-            .as_ref()
-            .map_or_else(|| vec![0; cfg.size as usize], |b| b.1.clone());
-        let base = mem_qcow2_bytes(
-            cfg.size,
-            cfg.cluster,
-            backing.as_ref().map(|b| (b.2.0, b.2.1)),
-        );
-        let rec = Arc::new(RecordingStorage::new("overlay.qcow2", base));
-        let f = open_qcow2(rec.clone(), true).await.expect("open overlay");
-        let img = Image::new(f, backing.as_ref().map(|b| b.0.clone()));
-        let ops = workload(&mut rng, cfg.size, cfg.cluster, 48);
-        let mut done = Vec::new();
-        for op in ops {
-            let start = rec.position();
-            run_op(&img, &op).await;
-            done.push(Done {
-                op,
-                start,
-                end: rec.position(),
-            });
-        }
-        // Closing flushes and marks the image clean: crash states during
-        // the close are states too.
-        let start = rec.position();
-        img.close().await.expect("close");
-        done.push(Done {
-            op: Op::Flush,
-            start,
-            end: rec.position(),
-        });
-        let recording = rec.recording();
-        drop(img);
-
+        let r = record(&cfg, wseed).await;
         let dir = tempfile::tempdir().unwrap();
-        if let Some(b) = &backing {
+        if let Some(b) = &r.backing {
             std::fs::write(dir.path().join(b.2.0), &b.2.2).unwrap();
         }
         let qemu_every = (per / 6).max(1);
         for i in 0..per {
-            let st = recording.crash_state(wseed.wrapping_mul(1_000_003).wrapping_add(i));
+            let st = r
+                .recording
+                .crash_state(wseed.wrapping_mul(1_000_003).wrapping_add(i));
             torn += st.torn;
             let qemu_path = (i % qemu_every == 0).then(|| dir.path().join("overlay.qcow2"));
-            check_state(&cfg, &recording, &st, &initial, &done, backing.as_ref().map(|b| b.0.clone()), qemu_path.as_deref())
-                .await
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "{}: workload seed {wseed}, crash state seed {} (cut {} of {}, durable {}): {e}",
-                        cfg.name,
-                        st.seed,
-                        st.cut,
-                        recording.events.len(),
-                        st.durable
-                    )
-                });
+            let backing = r.backing.as_ref().map(|b| b.0.clone());
+            let result = check_state(
+                &cfg,
+                &st,
+                &r.initial,
+                &r.done,
+                backing,
+                qemu_path.as_deref(),
+            )
+            .await;
+            if let Err(e) = result {
+                panic!(
+                    "{}: workload seed {wseed}, crash state seed {} (cut {} of {}, durable {}): {e}",
+                    cfg.name,
+                    st.seed,
+                    st.cut,
+                    r.recording.events.len(),
+                    st.durable
+                );
+            }
             qemu_checked += usize::from(qemu_path.is_some());
             tried += 1;
         }
@@ -303,9 +334,63 @@ async fn powerloss(cfg: Config) {
     );
 }
 
+/// The replay has teeth on the real engine: the same workload, with every
+/// flush barrier taken out of the log (as if the engine never flushed, or
+/// the disk ignored it), must produce crash states that fail the oracle,
+/// while the model still expects what a flushing engine guarantees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn powerloss_replay_catches_an_engine_whose_flushes_do_nothing() {
+    let cfg = Config {
+        name: "64k-raw-backing-no-barriers",
+        cluster: 64 << 10,
+        size: 4 << 20,
+        backing: Backing::Raw(4 << 20),
+        seed: 6,
+    };
+    let r = record(&cfg, cfg.seed).await;
+    let no_barriers = Recording {
+        base: r.recording.base.clone(),
+        // An empty write keeps every later event at its index.
+        events: r
+            .recording
+            .events
+            .iter()
+            .map(|e| match e {
+                Event::Flush => Event::Write {
+                    offset: 0,
+                    data: Vec::new(),
+                },
+                e => e.clone(),
+            })
+            .collect(),
+    };
+    let mut failed = 0;
+    let n = 60;
+    for i in 0..n {
+        let mut rng = TestRng::new(i);
+        // Cuts in the second half, after several guest flushes.
+        let len = no_barriers.events.len() as u64;
+        let cut = rng.range(len / 2, len + 1) as usize;
+        let mut st = no_barriers.crash_state_at(cut, &mut rng, i);
+        assert_eq!(st.durable, 0);
+        st.durable = r.recording.durable_prefix(cut);
+        let backing = r.backing.as_ref().map(|b| b.0.clone());
+        if check_state(&cfg, &st, &r.initial, &r.done, backing, None)
+            .await
+            .is_err()
+        {
+            failed += 1;
+        }
+    }
+    assert!(
+        failed >= n / 10,
+        "only {failed} of {n} barrier-less crash states failed"
+    );
+    eprintln!("powerloss without barriers: {failed} of {n} states rejected");
+}
+
 async fn check_state(
     cfg: &Config,
-    _rec: &Recording,
     st: &CrashState,
     initial: &[u8],
     done: &[Done],
