@@ -17,6 +17,7 @@ pub mod qcow2;
 pub mod rangelock;
 pub mod raw;
 pub mod storage;
+pub mod testing;
 
 pub use device::{BlockDevice, DeviceInfo, Extent, ExtentKind, WriteFlags};
 pub use error::{Error, ErrorKind, Result};
