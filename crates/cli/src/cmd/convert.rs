@@ -97,6 +97,8 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     image::create(dst_path, kind, &copts)
         .await
         .map_err(|e| file_error(dst_path, e))?;
+    // Our own writable open below would conflict with the create locks.
+    drop(held);
     let oopts = OpenOptions {
         writable: true,
         cache: a.cache,
@@ -107,7 +109,6 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let dst = image::open(dst_path, &oopts)
         .await
         .map_err(|e| file_error(dst_path, e))?;
-    drop(held);
 
     let mut chunks = Vec::new();
     for e in extents.iter().filter(|e| e.kind == ExtentKind::Data) {

@@ -44,6 +44,7 @@ pub struct Args {
     /// Path of the image to create.
     image: PathBuf,
     /// Virtual size, e.g. 10G; optional with a backing file.
+    #[arg(allow_hyphen_values = true)]
     size: Option<String>,
 }
 
