@@ -145,6 +145,22 @@ fn raw_to_raw_and_overwriting_an_existing_destination() {
         std::fs::metadata(d.path("b.raw")).unwrap().len(),
         9 * 1024 * 1024
     );
+}
+
+#[test]
+fn raw_to_qcow2_is_identical() {
+    let d = Dir::new();
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "a.raw", "9M"],
+    );
+    qemu_io(
+        &d,
+        "raw",
+        "a.raw",
+        &["write -P 7 4k 8k", "write -P 8 5M 3M"],
+    );
     ds_ok(
         &d,
         &["convert", "-f", "raw", "-O", "qcow2", "a.raw", "b.qcow2"],

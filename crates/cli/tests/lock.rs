@@ -17,7 +17,7 @@ fn writable() -> OpenOptions {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_img_info_refuses_an_image_diskstream_writes() {
     let d = Dir::new();
-    for (fmt, name) in [("qcow2", "a.qcow2"), ("raw", "a.raw")] {
+    for (fmt, name) in [("raw", "a.raw"), ("qcow2", "a.qcow2")] {
         qemu_ok(&d, "qemu-img", &["create", "-q", "-f", fmt, name, "1M"]);
         let img = image::open(&d.path(name), &writable())
             .await

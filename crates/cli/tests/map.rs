@@ -222,6 +222,33 @@ fn chains_of_three_map_like_qemu_img() {
 }
 
 #[test]
+fn shorter_backings_map_like_qemu_img() {
+    let d = Dir::new();
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "b.qcow2", "2M"],
+    );
+    qemu_io(&d, "qcow2", "b.qcow2", &["write -P 1 0 64k"]);
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "m.qcow2", "4M",
+        ],
+    );
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "m.qcow2", "-F", "qcow2", "t.qcow2", "8M",
+        ],
+    );
+    qemu_io(&d, "qcow2", "t.qcow2", &["write -P 2 5M 64k"]);
+    same_map(&d, "t.qcow2");
+}
+
+#[test]
 fn random_layouts_map_like_qemu_img() {
     let seeds: u64 = std::env::var("DS_SEEDS")
         .ok()

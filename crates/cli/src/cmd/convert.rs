@@ -12,12 +12,14 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use image::device::block_status_all;
 use image::open::{BackingChoice, OpenOptions};
-use image::{BlockDevice, CacheMode, CreateOptions, ExtentKind, FormatKind, Image, WriteFlags};
+use image::{
+    BlockDevice, CacheMode, CreateOptions, ExtentKind, Format, FormatKind, Image, WriteFlags,
+};
 use tokio::task::JoinSet;
 
 use super::create::{parse_options, same_file};
@@ -74,7 +76,8 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         anyhow::bail!("{}: cluster_size is a qcow2 option", dst_path.display());
     }
     let src = open_chain(&a.src, a.format.clone(), a.force_share).await?;
-    for layer in walk_chain(&a.src, a.format.clone(), true).await? {
+    let layers = walk_chain(&a.src, a.format.clone(), true).await?;
+    for layer in &layers {
         if same_file(dst_path, std::path::Path::new(&layer.filename)) {
             anyhow::bail!(
                 "{}: the destination is the source image (or one of its backing files)",
@@ -115,31 +118,46 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         let mut off = e.offset;
         while off < e.end() {
             let len = CHUNK.min(e.end() - off);
-            chunks.push((off, len));
+            chunks.push((off, len, e.depth));
             off += len;
         }
     }
     let total: u64 = chunks.iter().map(|c| c.1).sum();
     let progress = Arc::new(Progress::new(total, a.progress));
+    let layer_formats: Arc<Vec<Arc<dyn Format>>> = Arc::new(
+        layers
+            .iter()
+            .map(|l| Arc::clone(l.image.format()))
+            .collect(),
+    );
+    let pool = Arc::new(Pool::default());
 
     let mut tasks = JoinSet::new();
     let mut queue = chunks.into_iter();
     let limit = a.parallel as usize;
     loop {
         while tasks.len() < limit {
-            let Some((off, len)) = queue.next() else {
+            let Some((off, len, depth)) = queue.next() else {
                 break;
             };
-            let (s, d, p) = (Arc::clone(&src), Arc::clone(&dst), Arc::clone(&progress));
+            let job = Chunk {
+                src: Arc::clone(&src),
+                dst: Arc::clone(&dst),
+                layer: depth.and_then(|d| layer_formats.get(d as usize).cloned()),
+                pool: Arc::clone(&pool),
+                off,
+                len: len as usize,
+            };
+            let p = Arc::clone(&progress);
             tasks.spawn(async move {
-                copy_chunk(&s, &d, off, len).await?;
+                job.copy().await?;
                 p.add(len);
                 Ok::<(), image::Error>(())
             });
         }
         match tasks.join_next().await {
             None => break,
-            Some(r) => r?.map_err(|e| anyhow::anyhow!("{}: {e}", dst_path.display()))?,
+            Some(r) => r?.map_err(|e| file_error(dst_path, e))?,
         }
     }
     dst.flush().await.map_err(|e| file_error(dst_path, e))?;
@@ -148,18 +166,125 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Copies one chunk, skipping 4 KiB blocks of zeros.
-async fn copy_chunk(src: &Image, dst: &Image, off: u64, len: u64) -> image::Result<()> {
-    let data = Bytes::from(src.read(off, len as usize).await?);
-    for (start, end) in nonzero_runs(&data) {
-        dst.write(
-            off + start as u64,
-            data.slice(start..end),
-            WriteFlags::default(),
-        )
-        .await?;
+/// O_DIRECT alignment of buffer addresses (the image crate's storage
+/// bounces anything less aligned through a fresh buffer).
+const ALIGN: usize = 4096;
+
+/// A reusable buffer of [`CHUNK`] bytes whose window starts 4 KiB aligned,
+/// so direct writes need no bounce copy and pages are faulted in only once.
+#[derive(Debug)]
+struct Buf {
+    mem: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl Buf {
+    fn new() -> Self {
+        let mem = vec![0u8; CHUNK as usize + ALIGN];
+        let start = mem.as_ptr().align_offset(ALIGN);
+        Buf { mem, start, len: 0 }
     }
-    Ok(())
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.mem[self.start..self.start + self.len]
+    }
+}
+
+/// Buffers not in use; a buffer goes back when the last `Bytes` over it drops.
+#[derive(Debug, Default)]
+struct Pool(Mutex<Vec<Buf>>);
+
+impl Pool {
+    fn take(self: &Arc<Self>, len: usize) -> Buf {
+        let mut b = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_else(Buf::new);
+        b.len = len;
+        b
+    }
+}
+
+/// A pooled buffer as the owner of a `Bytes`.
+#[derive(Debug)]
+struct Pooled {
+    buf: Option<Buf>,
+    pool: Arc<Pool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        let b = self.buf.as_ref().expect("buffer present until drop");
+        &b.mem[b.start..b.start + b.len]
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.pool
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(b);
+        }
+    }
+}
+
+/// One chunk to copy, and where to read it.
+struct Chunk {
+    src: Arc<Image>,
+    dst: Arc<Image>,
+    /// The format of the layer block status says holds the chunk, read
+    /// directly into a pooled buffer; `None` reads through the chain.
+    layer: Option<Arc<dyn Format>>,
+    pool: Arc<Pool>,
+    off: u64,
+    len: usize,
+}
+
+impl Chunk {
+    /// Copies the chunk, skipping 4 KiB blocks of zeros.
+    async fn copy(self) -> image::Result<()> {
+        let (off, len) = (self.off, self.len);
+        let mut buf = self.pool.take(len);
+        let holes = match self.layer.clone() {
+            Some(fmt) => {
+                let (b, holes) = tokio::task::spawn_blocking(move || {
+                    let holes = fmt.read(off, buf.as_mut());
+                    (buf, holes)
+                })
+                .await
+                .map_err(|e| image::Error::Internal(format!("read task: {e}")))?;
+                buf = b;
+                holes?
+            }
+            None => vec![(off, len as u64)],
+        };
+        // Whatever that layer did not hold after all comes through the chain.
+        for (hoff, hlen) in holes {
+            let data = self.src.read(hoff, hlen as usize).await?;
+            let at = (hoff - off) as usize;
+            buf.as_mut()[at..at + data.len()].copy_from_slice(&data);
+        }
+        let runs = nonzero_runs(buf.as_mut());
+        let data = Bytes::from_owner(Pooled {
+            buf: Some(buf),
+            pool: Arc::clone(&self.pool),
+        });
+        for (start, end) in runs {
+            self.dst
+                .write(
+                    off + start as u64,
+                    data.slice(start..end),
+                    WriteFlags::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
 }
 
 /// The runs of `buf` made of [`SPARSE`]-sized blocks that are not all zeros.

@@ -101,14 +101,46 @@ impl MapEntry {
     }
 }
 
-/// Turns block status into qemu-img's merged entries.
-pub fn entries(extents: &[Extent], layers: u32) -> Vec<MapEntry> {
+/// Turns block status into qemu-img's merged entries. `sizes` are the
+/// virtual sizes of the chain's layers, top first: a range allocated nowhere
+/// reports the bottom layer, except past the end of a shorter backing, where
+/// QEMU stops at the layer whose backing ends (it reads as zeros there
+/// without asking further down).
+/// `layers` counts the whole chain (`sizes` may stop early, at a URI backing).
+pub fn entries(extents: &[Extent], layers: u32, sizes: &[u64]) -> Vec<MapEntry> {
     let mut out: Vec<MapEntry> = Vec::new();
+    let mut push = |next: MapEntry| match out.last_mut() {
+        Some(cur) if cur.mergeable(&next) => cur.length += next.length,
+        _ => out.push(next),
+    };
     for e in extents {
-        let next = MapEntry::from_extent(e, layers);
-        match out.last_mut() {
-            Some(cur) if cur.mergeable(&next) => cur.length += next.length,
-            _ => out.push(next),
+        if e.kind != ExtentKind::Hole {
+            push(MapEntry::from_extent(e, layers));
+            continue;
+        }
+        // Split the hole where a backing ends, then give each piece the
+        // first layer whose backing ends at or before it.
+        let mut cuts: Vec<u64> = sizes
+            .iter()
+            .skip(1)
+            .copied()
+            .filter(|&s| s > e.offset && s < e.end())
+            .collect();
+        cuts.sort_unstable();
+        cuts.push(e.end());
+        let mut start = e.offset;
+        for cut in cuts {
+            if cut <= start {
+                continue;
+            }
+            let mut piece = MapEntry::from_extent(e, layers);
+            piece.start = start;
+            piece.length = cut - start;
+            if let Some(d) = (0..sizes.len().saturating_sub(1)).find(|&i| start >= sizes[i + 1]) {
+                piece.depth = d as u32;
+            }
+            push(piece);
+            start = cut;
         }
     }
     out
@@ -123,19 +155,16 @@ pub fn render_json(entries: &[MapEntry]) -> String {
 pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let path = &a.image;
     let chain = open_chain(path, a.format.clone(), a.force_share).await?;
-    let layers = chain.info().layers;
     let extents = block_status_all(&*chain, 0, chain.size())
         .await
         .map_err(|e| file_error(path, e))?;
-    let entries = entries(&extents, layers);
+    let layers = walk_chain(path, a.format.clone(), a.force_share).await?;
+    let sizes: Vec<u64> = layers.iter().map(|l| l.image.size()).collect();
+    let entries = entries(&extents, chain.info().layers, &sizes);
     match a.output {
         Output::Json => print!("{}", render_json(&entries)),
         Output::Human => {
-            let names: Vec<String> = walk_chain(path, a.format.clone(), a.force_share)
-                .await?
-                .into_iter()
-                .map(|l| l.filename)
-                .collect();
+            let names: Vec<&str> = layers.iter().map(|l| l.filename.as_str()).collect();
             println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
             for e in entries.iter().filter(|e| e.data && !e.zero) {
                 let Some(off) = e.offset else {
@@ -144,7 +173,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
                         path.display()
                     );
                 };
-                let file = names.get(e.depth as usize).map_or("", String::as_str);
+                let file = names.get(e.depth as usize).copied().unwrap_or("");
                 println!(
                     "{:<16}{:<16}{:<16}{file}",
                     hex(e.start),
