@@ -94,7 +94,7 @@ struct Info {
     format: String,
     actual_size: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    format_specific: Option<serde_json::Value>,
+    format_specific: Option<QemuOrder>,
     #[serde(skip_serializing_if = "Option::is_none")]
     full_backing_filename: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -190,7 +190,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         cluster_size,
         format: fmt.format_name().to_string(),
         actual_size: actual,
-        format_specific,
+        format_specific: format_specific.map(QemuOrder),
         full_backing_filename: full_backing,
         backing_filename: spec.as_ref().map(|s| s.name.clone()),
         dirty_flag: is_qcow2 && qcow2_dirty(path)?,
@@ -204,6 +204,56 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         Output::Human => print_human(&info),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Keys in the order qemu-img 10 prints them (its QDict iteration order),
+/// for the objects it prints; other keys follow in name order.
+const QEMU_KEY_ORDER: [&str; 8] = [
+    "type",
+    "data",
+    "compat",
+    "compression-type",
+    "lazy-refcounts",
+    "refcount-bits",
+    "corrupt",
+    "extended-l2",
+];
+
+/// A JSON value whose object keys serialize in [`QEMU_KEY_ORDER`].
+#[derive(Debug)]
+struct QemuOrder(serde_json::Value);
+
+impl Serialize for QemuOrder {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.0 {
+            serde_json::Value::Object(m) => {
+                let rank = |k: &str| {
+                    QEMU_KEY_ORDER
+                        .iter()
+                        .position(|x| *x == k)
+                        .unwrap_or(usize::MAX)
+                };
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
+                s.collect_map(keys.into_iter().map(|k| (k, QemuOrder(m[k].clone()))))
+            }
+            serde_json::Value::Array(a) => s.collect_seq(a.iter().map(|v| QemuOrder(v.clone()))),
+            other => other.serialize(s),
+        }
+    }
+}
+
+/// The keys of `m` in [`QEMU_KEY_ORDER`].
+fn qemu_ordered_keys(m: &serde_json::Map<String, serde_json::Value>) -> Vec<&String> {
+    let rank = |k: &str| {
+        QEMU_KEY_ORDER
+            .iter()
+            .position(|x| *x == k)
+            .unwrap_or(usize::MAX)
+    };
+    let mut keys: Vec<&String> = m.keys().collect();
+    keys.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
+    keys
 }
 
 /// Whether the qcow2 v3 header has the dirty bit (incompatible feature 0) set.
@@ -280,7 +330,7 @@ fn print_human(i: &Info) {
     if i.dirty_flag {
         println!("cleanly shut down: no");
     }
-    if let Some(data) = i.format_specific.as_ref().and_then(|v| v.get("data")) {
+    if let Some(data) = i.format_specific.as_ref().and_then(|v| v.0.get("data")) {
         println!("Format specific information:");
         print_value(data, 1);
     }
@@ -311,7 +361,8 @@ fn print_value(v: &serde_json::Value, level: usize) {
     let pad = "    ".repeat(level);
     match v {
         serde_json::Value::Object(m) => {
-            for (k, val) in m {
+            for k in qemu_ordered_keys(m) {
+                let val = &m[k];
                 let key = k.replace('-', " ");
                 match val {
                     serde_json::Value::Object(_) | serde_json::Value::Array(_) => {
