@@ -104,7 +104,7 @@ fn qcow2_info_matches_qemu_img() {
             "-f",
             "qcow2",
             "-o",
-            "extended_l2=on",
+            "cluster_size=2M,lazy_refcounts=on",
             "x.qcow2",
             "5M",
         ],

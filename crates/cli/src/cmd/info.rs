@@ -173,7 +173,8 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
             name: "file",
             info: FileChildInfo {
                 children: Vec::new(),
-                virtual_size: file_len,
+                // QEMU counts files in whole 512-byte sectors.
+                virtual_size: file_len.next_multiple_of(512),
                 filename: path.display().to_string(),
                 format: "file",
                 actual_size: actual,
