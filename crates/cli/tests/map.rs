@@ -50,6 +50,19 @@ fn raw_sparse_files_map_like_qemu_img() {
         ],
     );
     same_map(&d, "a.raw");
+    // Empty images.
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "zero.raw", "0"],
+    );
+    same_map(&d, "zero.raw");
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "zero.qcow2", "0"],
+    );
+    same_map(&d, "zero.qcow2");
     // Full of data, no hole at all.
     qemu_io(&d, "raw", "empty.raw", &["write -P 9 0 4M"]);
     same_map(&d, "empty.raw");

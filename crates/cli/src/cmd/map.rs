@@ -160,7 +160,20 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         .map_err(|e| file_error(path, e))?;
     let layers = walk_chain(path, a.format.clone(), a.force_share).await?;
     let sizes: Vec<u64> = layers.iter().map(|l| l.image.size()).collect();
-    let entries = entries(&extents, chain.info().layers, &sizes);
+    let mut entries = entries(&extents, chain.info().layers, &sizes);
+    if entries.is_empty() {
+        // An empty image: qemu-img prints its zero-initialised first entry.
+        entries.push(MapEntry {
+            start: 0,
+            length: 0,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+        });
+    }
     match a.output {
         Output::Json => print!("{}", render_json(&entries)),
         Output::Human => {
