@@ -1,18 +1,68 @@
 //! The `diskstream` command: wires the library crates to a clap interface.
+//!
+//! Each subcommand lives in its own module under [`cmd`] with its clap
+//! `Args` and an async `run` that returns the process exit code; this file
+//! only parses the command line, starts the tokio runtime and turns an error
+//! into the one-line `diskstream: <file>: <problem>` message and exit code 1
+//! (the only place `anyhow` meets the outside world).
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+
+mod cmd;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "diskstream",
     version,
-    about = "Copy-on-read disk images and background image streaming"
+    about = "Copy-on-read disk images and background image streaming",
+    long_about = "Copy-on-read disk images (qcow2 overlays over backing images) and \
+                  background image streaming, compatible with QEMU's tools: images stay \
+                  readable and checkable by qemu-img, and diskstream takes the same \
+                  image locks QEMU takes."
 )]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Create(cmd::create::Args),
+    Info(cmd::info::Args),
+    Map(cmd::map::Args),
+    Check(cmd::check::Args),
+    Convert(cmd::convert::Args),
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Create(a) => cmd::create::run(a).await,
+        Command::Info(a) => cmd::info::run(a).await,
+        Command::Map(a) => cmd::map::run(a).await,
+        Command::Check(a) => cmd::check::run(a).await,
+        Command::Convert(a) => cmd::convert::run(a).await,
+    }
+}
 
 fn main() -> ExitCode {
-    let _cli = Cli::parse();
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("diskstream: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("diskstream: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

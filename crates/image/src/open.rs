@@ -152,16 +152,21 @@ fn open_at_depth<'a>(
                 .map_err(|e| Error::io(path, "open", e))?;
             Arc::new(fs)
         };
-        let access = if opts.writable {
-            lock::Access::ReadWrite
-        } else {
-            lock::Access::Read
-        };
-        lock::apply(&*storage, access, opts.force_share)?;
         let kind = match &opts.format {
             Some(f) => FormatKind::parse(f)?,
             None => probe(&*storage)?,
         };
+        let access = match (opts.writable, depth) {
+            (true, _) => lock::Access::ReadWrite,
+            (false, 0) => lock::Access::Read,
+            (false, _) => lock::Access::Backing,
+        };
+        lock::apply(
+            &*storage,
+            kind == FormatKind::Qcow2,
+            access,
+            opts.force_share,
+        )?;
         let format = open_format(storage, kind, opts).await?;
         let backing = match &opts.backing {
             BackingChoice::None => None,

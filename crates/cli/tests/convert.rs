@@ -1,0 +1,169 @@
+//! `diskstream convert` results are identical to their source
+//! (`qemu-img compare`), clean (`qemu-img check`), and contain no more data
+//! than the source: holes and zeros are never written.
+
+mod common;
+use common::*;
+use serde_json::Value;
+
+fn data_bytes(d: &Dir, img: &str) -> u64 {
+    let m: Value =
+        serde_json::from_str(&qemu_ok(d, "qemu-img", &["map", "--output=json", img])).unwrap();
+    m.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == Value::Bool(true))
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum()
+}
+
+fn converted_ok(d: &Dir, src: &str, dst: &str, dst_fmt: &str) {
+    qemu_ok(d, "qemu-img", &["compare", "-F", dst_fmt, src, dst]);
+    if dst_fmt == "qcow2" {
+        qemu_ok(d, "qemu-img", &["check", dst]);
+        let info: Value =
+            serde_json::from_str(&qemu_ok(d, "qemu-img", &["info", "--output=json", dst])).unwrap();
+        assert!(
+            info.get("backing-filename").is_none(),
+            "convert output has a backing"
+        );
+    }
+}
+
+fn source_chain(d: &Dir) {
+    qemu_ok(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "24M"],
+    );
+    qemu_io(
+        d,
+        "qcow2",
+        "base.qcow2",
+        &[
+            "write -P 1 0 3M",
+            "write -P 2 10M 5M",
+            "write -P 0 16M 1M",
+            "write -c -P 3 20M 128k",
+        ],
+    );
+    qemu_ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    qemu_io(
+        d,
+        "qcow2",
+        "top.qcow2",
+        &["write -P 4 1M 64k", "write -z 11M 1M", "write -P 5 23M 1M"],
+    );
+}
+
+#[test]
+fn qcow2_chain_to_qcow2_and_raw_is_identical_and_sparse() {
+    let d = Dir::new();
+    source_chain(&d);
+    ds_ok(&d, &["convert", "-O", "qcow2", "top.qcow2", "out.qcow2"]);
+    converted_ok(&d, "top.qcow2", "out.qcow2", "qcow2");
+    // Zeros (the written-zero MiB, the zero cluster range) are not data.
+    let src_nonzero = 3 * 1024 * 1024 + 4 * 1024 * 1024 + 128 * 1024 + 1024 * 1024;
+    assert_eq!(data_bytes(&d, "out.qcow2"), src_nonzero);
+    ds_ok(
+        &d,
+        &[
+            "convert",
+            "-O",
+            "raw",
+            "-t",
+            "none",
+            "-m",
+            "3",
+            "top.qcow2",
+            "out.raw",
+        ],
+    );
+    converted_ok(&d, "top.qcow2", "out.raw", "raw");
+    assert_eq!(data_bytes(&d, "out.raw"), src_nonzero);
+    // Cluster size option.
+    ds_ok(
+        &d,
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "top.qcow2",
+            "small.qcow2",
+        ],
+    );
+    converted_ok(&d, "top.qcow2", "small.qcow2", "qcow2");
+    let info: Value = serde_json::from_str(&qemu_ok(
+        &d,
+        "qemu-img",
+        &["info", "--output=json", "small.qcow2"],
+    ))
+    .unwrap();
+    assert_eq!(info["cluster-size"], 4096);
+}
+
+#[test]
+fn raw_to_raw_and_overwriting_an_existing_destination() {
+    let d = Dir::new();
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "a.raw", "9M"],
+    );
+    qemu_io(
+        &d,
+        "raw",
+        "a.raw",
+        &["write -P 7 4k 8k", "write -P 8 5M 3M"],
+    );
+    // An existing, larger destination with other data is replaced.
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "b.raw", "20M"],
+    );
+    qemu_io(&d, "raw", "b.raw", &["write -P 9 0 20M"]);
+    ds_ok(&d, &["convert", "-f", "raw", "-O", "raw", "a.raw", "b.raw"]);
+    converted_ok(&d, "a.raw", "b.raw", "raw");
+    assert_eq!(
+        std::fs::metadata(d.path("b.raw")).unwrap().len(),
+        9 * 1024 * 1024
+    );
+}
+
+#[test]
+fn raw_to_qcow2_is_identical() {
+    let d = Dir::new();
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "a.raw", "9M"],
+    );
+    qemu_io(
+        &d,
+        "raw",
+        "a.raw",
+        &["write -P 7 4k 8k", "write -P 8 5M 3M"],
+    );
+    ds_ok(
+        &d,
+        &["convert", "-f", "raw", "-O", "qcow2", "a.raw", "b.qcow2"],
+    );
+    converted_ok(&d, "a.raw", "b.qcow2", "qcow2");
+}

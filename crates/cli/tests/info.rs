@@ -1,0 +1,161 @@
+//! `diskstream info --output json` carries qemu-img's fields with qemu-img's
+//! values, plus its own `local-bytes` / `chain-bytes` / `local-percent`,
+//! which must agree with what qemu-img map says is allocated where.
+
+mod common;
+use common::*;
+use serde_json::Value;
+
+const SHARED: [&str; 11] = [
+    "virtual-size",
+    "filename",
+    "format",
+    "cluster-size",
+    "actual-size",
+    "backing-filename",
+    "full-backing-filename",
+    "backing-filename-format",
+    "format-specific",
+    "dirty-flag",
+    "children",
+];
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON ({e}): {s}"))
+}
+
+/// Compares every shared field, and checks the local share against qemu-img map.
+fn same_info(d: &Dir, img: &str) -> Value {
+    let ours = json(&ds_ok(d, &["info", "--output", "json", img]));
+    let theirs = json(&qemu_ok(d, "qemu-img", &["info", "--output=json", img]));
+    for k in SHARED {
+        assert_eq!(
+            ours.get(k),
+            theirs.get(k),
+            "info field {k} differs for {img}"
+        );
+    }
+    let map = json(&qemu_ok(d, "qemu-img", &["map", "--output=json", img]));
+    let (mut local, mut chain) = (0u64, 0u64);
+    for e in map.as_array().expect("array") {
+        let len = e["length"].as_u64().expect("length");
+        if e["present"] == Value::Bool(true) {
+            chain += len;
+            if e["depth"] == 0 {
+                local += len;
+            }
+        }
+    }
+    assert_eq!(ours["local-bytes"], local, "{img}");
+    assert_eq!(ours["chain-bytes"], chain, "{img}");
+    let pct = if chain == 0 {
+        100.0
+    } else {
+        (local as f64 * 10000.0 / chain as f64).floor() / 100.0
+    };
+    assert_eq!(ours["local-percent"].as_f64(), Some(pct), "{img}");
+    ours
+}
+
+#[test]
+fn raw_info_matches_qemu_img() {
+    let d = Dir::new();
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "a.raw", "3M"],
+    );
+    qemu_io(&d, "raw", "a.raw", &["write -P 1 1M 64k"]);
+    let i = same_info(&d, "a.raw");
+    assert_eq!(i["local-percent"].as_f64(), Some(100.0));
+    let human = ds_ok(&d, &["info", "a.raw"]);
+    assert!(
+        human.contains("virtual size: 3 MiB (3145728 bytes)"),
+        "{human}"
+    );
+}
+
+#[test]
+fn qcow2_info_matches_qemu_img() {
+    let d = Dir::new();
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "a.qcow2",
+            "5M",
+        ],
+    );
+    qemu_io(&d, "qcow2", "a.qcow2", &["write -P 1 0 100k"]);
+    same_info(&d, "a.qcow2");
+    let d = Dir::new();
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=2M,lazy_refcounts=on",
+            "x.qcow2",
+            "5M",
+        ],
+    );
+    same_info(&d, "x.qcow2");
+}
+
+#[test]
+fn backing_chain_info_matches_qemu_img_and_counts_the_local_share() {
+    let d = Dir::new();
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"],
+    );
+    qemu_io(&d, "qcow2", "base.qcow2", &["write -P 1 0 2M"]);
+    std::fs::create_dir(d.path("sub")).unwrap();
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "../base.qcow2",
+            "-F",
+            "qcow2",
+            "sub/top.qcow2",
+        ],
+    );
+    qemu_io(
+        &d,
+        "qcow2",
+        "sub/top.qcow2",
+        &["write -P 2 0 512k", "write -z 3M 64k"],
+    );
+    let i = same_info(&d, "sub/top.qcow2");
+    assert_eq!(i["local-bytes"], 512 * 1024 + 64 * 1024);
+    assert_eq!(i["chain-bytes"], 2 * 1024 * 1024 + 64 * 1024);
+    let chain = i["backing-chain"].as_array().expect("backing-chain");
+    assert_eq!(chain.len(), 2);
+    assert_eq!(chain[1]["filename"], "sub/../base.qcow2");
+    assert_eq!(chain[1]["local-bytes"], 2 * 1024 * 1024);
+    // Absolute paths resolve the same way.
+    same_info(&d, &d.s("sub/top.qcow2"));
+    let human = ds_ok(&d, &["info", "sub/top.qcow2"]);
+    assert!(
+        human.contains("backing file: ../base.qcow2 (actual path: sub/../base.qcow2)"),
+        "{human}"
+    );
+    assert!(human.contains("backing file format: qcow2"), "{human}");
+}
