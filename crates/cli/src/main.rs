@@ -2,7 +2,11 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+
+mod cmd {
+    pub mod serve;
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -10,9 +14,36 @@ use clap::Parser;
     version,
     about = "Copy-on-read disk images and background image streaming"
 )]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Export an image over NBD (like qemu-nbd).
+    Serve(cmd::serve::ServeArgs),
+}
 
 fn main() -> ExitCode {
-    let _cli = Cli::parse();
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("diskstream: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Serve(a) => cmd::serve::run(a).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("diskstream: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

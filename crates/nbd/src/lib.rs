@@ -7,4 +7,7 @@
 //! "incomplete" from "invalid", so the connection code above it is only
 //! buffering, and hostile input is rejected in one place.
 
+pub mod client;
 pub mod codec;
+pub mod conn;
+pub mod server;
