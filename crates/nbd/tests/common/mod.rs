@@ -248,15 +248,14 @@ pub fn sparse_raw(path: &Path, size: u64, data_at: u64, data_len: usize) -> Vec<
 
 /// Runs a peer tool under `timeout`, returning its output.
 pub fn tool(limit_secs: u32, prog: &str, args: &[&str]) -> Output {
-    let out = Command::new("timeout")
+    Command::new("timeout")
         .arg("-k")
         .arg("5")
         .arg(limit_secs.to_string())
         .arg(prog)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("running {prog}: {e}"));
-    out
+        .unwrap_or_else(|e| panic!("running {prog}: {e}"))
 }
 
 /// Runs a peer tool that must succeed; returns stdout.
