@@ -1144,7 +1144,7 @@ impl BlockDevice for NbdClient {
     }
 }
 
-/// Opens `nbd://` and `nbd+unix://` backings for [`image::open`]. NBD
+/// Opens `nbd://` and `nbd+unix://` backings for [`image::open()`]. NBD
 /// exports are raw devices: a backing named with another format is refused
 /// (diskstream does not run a format over a remote device).
 #[derive(Clone, Debug, Default)]
