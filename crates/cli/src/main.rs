@@ -34,6 +34,8 @@ enum Command {
     Map(cmd::map::Args),
     Check(cmd::check::Args),
     Convert(cmd::convert::Args),
+    /// Export an image over NBD (like qemu-nbd).
+    Serve(cmd::serve::ServeArgs),
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -43,6 +45,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Map(a) => cmd::map::run(a).await,
         Command::Check(a) => cmd::check::run(a).await,
         Command::Convert(a) => cmd::convert::run(a).await,
+        Command::Serve(a) => cmd::serve::run(a).await,
     }
 }
 

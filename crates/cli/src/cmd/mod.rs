@@ -19,6 +19,7 @@ pub mod create;
 pub mod info;
 pub mod map;
 pub mod progress;
+pub mod serve;
 
 /// `--output` of the reporting commands, as qemu-img's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
