@@ -132,7 +132,7 @@ impl FileStorage {
     }
 
     fn aligned(offset: u64, len: usize) -> bool {
-        offset % DIRECT_ALIGN as u64 == 0 && len % DIRECT_ALIGN == 0
+        offset.is_multiple_of(DIRECT_ALIGN as u64) && len.is_multiple_of(DIRECT_ALIGN)
     }
 
     fn read_exact_zero_fill(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -187,7 +187,8 @@ impl Drop for AlignedBuf {
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if !self.direct
-            || (Self::aligned(offset, buf.len()) && buf.as_ptr() as usize % DIRECT_ALIGN == 0)
+            || (Self::aligned(offset, buf.len())
+                && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN))
         {
             return self.read_exact_zero_fill(buf, offset);
         }
@@ -202,7 +203,8 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         if !self.direct
-            || (Self::aligned(offset, buf.len()) && buf.as_ptr() as usize % DIRECT_ALIGN == 0)
+            || (Self::aligned(offset, buf.len())
+                && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN))
         {
             return self.file.write_all_at(buf, offset);
         }
