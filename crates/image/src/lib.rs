@@ -18,6 +18,7 @@ pub mod rangelock;
 pub mod raw;
 pub mod stats;
 pub mod storage;
+pub mod testing;
 
 pub use device::{BlockDevice, DeviceInfo, Extent, ExtentKind, WriteFlags};
 pub use error::{Error, ErrorKind, Result};

@@ -168,7 +168,18 @@ fn open_at_depth<'a>(
             BackingChoice::Device(d) => Some(Arc::clone(d)),
             BackingChoice::FromHeader => match format.backing() {
                 None => None,
-                Some(spec) => Some(open_backing(path, &spec, opts, depth, seen).await?),
+                Some(spec) => match open_backing(path, &spec, opts, depth, seen).await {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        // No Image will own this format, so nothing else
+                        // closes it: undo what a writable open may have
+                        // marked in the file (dirty / in-use flags) before
+                        // reporting the backing's error.
+                        let f = Arc::clone(&format);
+                        let _ = tokio::task::spawn_blocking(move || f.close()).await;
+                        return Err(e);
+                    }
+                },
             },
         };
         Ok(Arc::new(Image::new(format, backing)))

@@ -1,0 +1,126 @@
+//! Helpers shared by the image crate's integration tests: running the real
+//! `qemu-img`, building images in memory or in temporary directories, reading
+//! a whole device. Each test binary uses a different subset.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use image::device::BlockDevice;
+use image::format::{BackingSpec, Format};
+use image::open::{FormatKind, OpenOptions, open_format};
+use image::storage::{MemStorage, Storage};
+use image::testing::TestRng;
+use image::{Image, qcow2, raw};
+
+/// Runs `qemu-img` with `args`; returns (exit code, stdout + stderr).
+pub fn qemu_img(args: &[&str]) -> (i32, String) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img must be installed (scripts/test installs it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// `qemu-img check`: Ok for exit 0 (clean) or 3 (leaks only), else the
+/// output. 2 is corruption, 1 a check that could not finish.
+pub fn qemu_check(path: &Path) -> Result<i32, String> {
+    let p = path.to_str().unwrap();
+    let (code, text) = qemu_img(&["check", "-f", "qcow2", p]);
+    match code {
+        0 | 3 => Ok(code),
+        _ => Err(format!("qemu-img check {p} exited {code}:\n{text}")),
+    }
+}
+
+/// Whether a qcow2 header has the dirty bit (incompatible feature bit 0).
+pub fn qcow2_dirty(bytes: &[u8]) -> bool {
+    bytes.len() >= 80 && bytes[0..4] == qcow2::MAGIC && bytes[79] & 1 != 0
+}
+
+pub fn writable() -> OpenOptions {
+    OpenOptions {
+        writable: true,
+        ..OpenOptions::default()
+    }
+}
+
+/// A read-only raw device over `content` in memory.
+pub fn mem_raw(name: &str, content: Vec<u8>) -> Arc<dyn BlockDevice> {
+    let s: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(name, content));
+    let f: Arc<dyn Format> = Arc::new(raw::Raw::open(s, false).unwrap());
+    Arc::new(Image::new(f, None))
+}
+
+/// A qcow2 image in memory: the bytes of a fresh image.
+pub fn mem_qcow2_bytes(size: u64, cluster: u64, backing: Option<(&str, &str)>) -> Vec<u8> {
+    let m = MemStorage::new("new.qcow2");
+    qcow2::create(
+        &m,
+        &qcow2::CreateOptions {
+            size,
+            cluster_size: Some(cluster),
+            backing: backing.map(|(n, f)| BackingSpec {
+                name: n.into(),
+                format: Some(f.into()),
+            }),
+        },
+    )
+    .expect("qcow2::create");
+    m.snapshot()
+}
+
+/// Opens a qcow2 engine over storage.
+pub async fn open_qcow2(s: Arc<dyn Storage>, writable: bool) -> image::Result<Arc<dyn Format>> {
+    let o = OpenOptions {
+        writable,
+        ..OpenOptions::default()
+    };
+    open_format(s, FormatKind::Qcow2, &o).await
+}
+
+/// Reads a whole device in chunks.
+pub async fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {
+    let size = dev.size();
+    let mut out = Vec::with_capacity(size as usize);
+    let mut pos = 0;
+    while pos < size {
+        let n = (size - pos).min(1 << 20);
+        out.extend(dev.read(pos, n as usize).await.expect("read"));
+        pos += n;
+    }
+    out
+}
+
+/// Random content with runs of zeros and runs of data, so backings have
+/// both holes and data at every granularity.
+pub fn patchy(rng: &mut TestRng, size: usize) -> Vec<u8> {
+    let mut v = vec![0u8; size];
+    let mut pos = 0;
+    while pos < size {
+        let run = (rng.range(1, 64) * 512) as usize;
+        let end = (pos + run).min(size);
+        if rng.chance(2, 3) {
+            rng.fill(&mut v[pos..end]);
+        }
+        pos = end;
+    }
+    v
+}
+
+/// FNV-1a of a file, to see that it did not change.
+pub fn file_hash(path: &Path) -> (u64, u64) {
+    let bytes = std::fs::read(path).unwrap();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in &bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    (bytes.len() as u64, h)
+}
