@@ -88,6 +88,38 @@ enum UnitAction {
     Copy,
 }
 
+/// A run of units with one action.
+#[derive(Clone, Copy, Debug)]
+struct UnitRun {
+    action: UnitAction,
+    start: u64,
+    end: u64,
+    /// Every byte of the run is a hole in every layer.
+    all_hole: bool,
+}
+
+/// Where a byte range can be read from after a populate.
+#[derive(Debug)]
+enum Piece {
+    /// Allocated here before the copy looked (a guest write won the range).
+    Local(u64, u64),
+    /// Copied just now: the bytes.
+    Copied(u64, Arc<Vec<u8>>),
+    /// Reads as zeros.
+    Zeros(u64, u64),
+    /// Left below on purpose (the base or deeper).
+    Below(u64, u64),
+}
+
+impl Piece {
+    fn span(&self) -> (u64, u64) {
+        match self {
+            Piece::Local(o, n) | Piece::Zeros(o, n) | Piece::Below(o, n) => (*o, *n),
+            Piece::Copied(o, d) => (*o, d.len() as u64),
+        }
+    }
+}
+
 impl Image {
     /// Puts `format` on top of `backing`.
     pub fn new(format: Arc<dyn Format>, backing: Option<Arc<dyn BlockDevice>>) -> Self {
@@ -304,54 +336,68 @@ impl Image {
         }
         let (s, e) = self.unit_span(offset, len);
         let _guard = self.locks.lock(s, e).await;
-        let outcome = self.populate_locked(s, e, base_depth).await?;
+        let (outcome, _) = self.populate_locked(s, e, base_depth, false).await?;
         self.stats.add_populated(outcome.copied);
         Ok(outcome)
     }
 
     /// [`Image::populate`] of the unit-aligned `[start, end)`, range held.
+    /// With `keep_data`, also returns where every byte of the range can be
+    /// read from now, with the bytes it copied, so a copy-on-read serves its
+    /// reader without reading anything twice.
     async fn populate_locked(
         &self,
         start: u64,
         end: u64,
         base_depth: Option<u32>,
-    ) -> Result<PopulateOutcome> {
+        keep_data: bool,
+    ) -> Result<(PopulateOutcome, Vec<Piece>)> {
         // Re-check allocation now that the range is ours.
         let map = blocking(&self.format, move |f| f.map(start, end - start)).await?;
         let mut outcome = PopulateOutcome::default();
-        for r in map.iter().filter(|r| r.mapping == Mapping::Unallocated) {
+        let mut pieces = Vec::new();
+        for r in &map {
+            if r.mapping != Mapping::Unallocated {
+                pieces.push(Piece::Local(r.offset, r.length));
+                continue;
+            }
             let mut below = Vec::new();
             self.status_below(r.offset, r.length, &mut below).await?;
-            for (action, run_start, run_end) in
-                self.unit_actions(r.offset, r.end(), &below, base_depth)
-            {
+            for run in self.unit_actions(r.offset, r.end(), &below, base_depth) {
+                let (run_start, run_end) = (run.start, run.end);
                 let n = run_end - run_start;
-                match action {
-                    UnitAction::Skip => {}
+                match run.action {
+                    UnitAction::Skip if run.all_hole => pieces.push(Piece::Zeros(run_start, n)),
+                    UnitAction::Skip => pieces.push(Piece::Below(run_start, n)),
                     UnitAction::Zero => {
                         blocking(&self.format, move |f| {
                             f.write_zeroes(run_start, n, true, true)
                         })
                         .await?;
                         outcome.zeroed += n;
+                        pieces.push(Piece::Zeros(run_start, n));
                     }
                     UnitAction::Copy => {
                         // Whole units only: no copy-on-write fill is needed.
                         // Bounded pieces bound the bounce buffer.
-                        let piece = MAX_COPY_PIECE.next_multiple_of(self.format.granularity());
+                        let step = MAX_COPY_PIECE.next_multiple_of(self.format.granularity());
                         let mut pos = run_start;
                         while pos < run_end {
-                            let n = piece.min(run_end - pos);
-                            let data = self.read_below(pos, n).await?;
-                            blocking(&self.format, move |f| f.write(pos, &data, &[])).await?;
+                            let n = step.min(run_end - pos);
+                            let data = Arc::new(self.read_below(pos, n).await?);
+                            let d = Arc::clone(&data);
+                            blocking(&self.format, move |f| f.write(pos, &d, &[])).await?;
                             outcome.copied += n;
+                            if keep_data {
+                                pieces.push(Piece::Copied(pos, data));
+                            }
                             pos += n;
                         }
                     }
                 }
             }
         }
-        Ok(outcome)
+        Ok((outcome, pieces))
     }
 
     /// Classifies the units of `[start, end)` (unallocated here) from the
@@ -362,14 +408,14 @@ impl Image {
         end: u64,
         below: &[Extent],
         base_depth: Option<u32>,
-    ) -> Vec<(UnitAction, u64, u64)> {
+    ) -> Vec<UnitRun> {
         let g = self.format.granularity();
-        let mut runs: Vec<(UnitAction, u64, u64)> = Vec::new();
+        let mut runs: Vec<UnitRun> = Vec::new();
         let mut i = 0;
         let mut unit = start;
         while unit < end {
             let unit_end = (unit + g).min(end);
-            let (mut copy, mut zero, mut base_data) = (false, false, false);
+            let (mut copy, mut zero, mut base_data, mut all_hole) = (false, false, false, true);
             while i < below.len() && below[i].end() <= unit {
                 i += 1;
             }
@@ -379,6 +425,7 @@ impl Image {
                     (Some(d), Some(b)) => d < b,
                     (Some(_), None) => true,
                 };
+                all_hole &= x.kind == ExtentKind::Hole;
                 match (x.kind, above_base) {
                     (ExtentKind::Data, true) => copy = true,
                     (ExtentKind::Zero, true) => zero = base_depth.is_some(),
@@ -394,25 +441,76 @@ impl Image {
                 UnitAction::Skip
             };
             match runs.last_mut() {
-                Some(last) if last.0 == action && last.2 == unit => last.2 = unit_end,
-                _ => runs.push((action, unit, unit_end)),
+                Some(last)
+                    if last.action == action && last.all_hole == all_hole && last.end == unit =>
+                {
+                    last.end = unit_end
+                }
+                _ => runs.push(UnitRun {
+                    action,
+                    start: unit,
+                    end: unit_end,
+                    all_hole,
+                }),
             }
             unit = unit_end;
         }
         runs
     }
 
-    /// Copy-on-read: keeps in this image what a guest read found below,
-    /// for the units of `[offset, offset + len)` (one unallocated run).
-    async fn copy_on_read_range(&self, offset: u64, len: u64) -> Result<()> {
+    /// Copy-on-read of one unallocated run `[offset, offset + len)` of a
+    /// guest read whose buffer `buf` starts at `buf_offset`: keeps what it
+    /// finds below in this image and fills the buffer from the same bytes.
+    async fn copy_on_read_range(
+        &self,
+        offset: u64,
+        len: u64,
+        buf: &mut [u8],
+        buf_offset: u64,
+    ) -> Result<()> {
         let base = match self.cor_base_depth.load(Ordering::SeqCst) {
             NO_BASE => None,
             d => Some(d),
         };
         let (s, e) = self.unit_span(offset, len);
-        let _guard = self.locks.lock(s, e).await;
-        let outcome = self.populate_locked(s, e, base).await?;
-        self.stats.add_cor(outcome.copied);
+        let pieces = {
+            let _guard = self.locks.lock(s, e).await;
+            let (outcome, pieces) = self.populate_locked(s, e, base, true).await?;
+            self.stats.add_cor(outcome.copied);
+            pieces
+        };
+        let (want_start, want_end) = (offset, offset + len);
+        for piece in pieces {
+            let (p_start, p_len) = piece.span();
+            let a = p_start.max(want_start);
+            let b = (p_start + p_len).min(want_end);
+            if a >= b {
+                continue;
+            }
+            let dst = &mut buf[(a - buf_offset) as usize..(b - buf_offset) as usize];
+            match piece {
+                Piece::Zeros(..) => dst.fill(0),
+                Piece::Copied(at, data) => {
+                    dst.copy_from_slice(&data[(a - at) as usize..(b - at) as usize])
+                }
+                Piece::Below(..) => dst.copy_from_slice(&self.read_below(a, b - a).await?),
+                Piece::Local(..) => {
+                    // A guest write won the range meanwhile: read it back.
+                    let (part, left) = blocking(&self.format, move |f| {
+                        let mut part = vec![0u8; (b - a) as usize];
+                        let left = f.read(a, &mut part)?;
+                        Ok((part, left))
+                    })
+                    .await?;
+                    dst.copy_from_slice(&part);
+                    for (loff, llen) in left {
+                        let data = self.read_below(loff, llen).await?;
+                        let at = (loff - a) as usize;
+                        dst[at..at + llen as usize].copy_from_slice(&data);
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -468,26 +566,12 @@ impl BlockDevice for Image {
         }
         let cor = self.copy_on_read() && !self.format.read_only();
         for (hoff, hlen) in holes {
-            let at = (hoff - offset) as usize;
             if cor {
-                self.copy_on_read_range(hoff, hlen).await?;
-                // Now local (or deliberately left in the base): read it back
-                // through the normal path, which also sees any guest write
-                // that won the range meanwhile.
-                let part = blocking(&self.format, move |f| {
-                    let mut part = vec![0u8; hlen as usize];
-                    let left = f.read(hoff, &mut part)?;
-                    Ok((part, left))
-                })
-                .await?;
-                buf[at..at + hlen as usize].copy_from_slice(&part.0);
-                for (loff, llen) in part.1 {
-                    let data = self.read_below(loff, llen).await?;
-                    let at = (loff - offset) as usize;
-                    buf[at..at + llen as usize].copy_from_slice(&data);
-                }
+                self.copy_on_read_range(hoff, hlen, &mut buf, offset)
+                    .await?;
             } else {
                 let data = self.read_below(hoff, hlen).await?;
+                let at = (hoff - offset) as usize;
                 buf[at..at + hlen as usize].copy_from_slice(&data);
             }
         }
