@@ -311,15 +311,17 @@ impl StreamJob {
     }
 
     /// Waits for the job to end and returns how it ended (every call gets
-    /// the same answer).
+    /// the same answer). Cancellation-safe: a `wait` dropped mid-way (say, in
+    /// a `select!` that Ctrl-C won) leaves the job for the next `wait`.
     pub async fn wait(&self) -> Result<StreamSummary, StreamError> {
         let mut slot = self.result.lock().await;
-        if let Some(handle) = slot.take() {
+        if let Some(handle) = slot.as_mut() {
             let r = match handle.await {
                 Ok(r) => r,
                 Err(e) => Err(image::Error::Internal(format!("stream task failed: {e}")).into()),
             };
             *self.finished.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            *slot = None;
         }
         self.finished
             .lock()

@@ -466,3 +466,25 @@ fn base_default_streams_everything() {
     assert_eq!(b.depth, None);
     assert!(b.link.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_wait_leaves_the_result_for_the_next() {
+    let c = chain(32 * MIB, MIB, 16, 7, "qcow2");
+    let img = open_rw(&c.top).await;
+    let job = StreamJob::start(
+        Arc::clone(&img),
+        StreamOptions {
+            speed: 8 * MIB,
+            ..StreamOptions::default()
+        },
+    );
+    // A wait that loses a select, as when Ctrl-C arrives first.
+    tokio::select! {
+        _ = job.wait() => panic!("a throttled 16 MiB stream cannot finish in 100 ms"),
+        _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+    }
+    job.cancel();
+    let s = job.wait().await.expect("the second wait gets the result");
+    assert_eq!(s.outcome, Outcome::Cancelled);
+    img.close().await.unwrap();
+}
