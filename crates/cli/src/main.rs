@@ -36,6 +36,8 @@ enum Command {
     Convert(cmd::convert::Args),
     /// Export an image over NBD (like qemu-nbd).
     Serve(cmd::serve::ServeArgs),
+    /// Copy an overlay's data from its backing chain until it is independent.
+    Stream(cmd::stream::StreamArgs),
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -46,6 +48,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check(a) => cmd::check::run(a).await,
         Command::Convert(a) => cmd::convert::run(a).await,
         Command::Serve(a) => cmd::serve::run(a).await,
+        Command::Stream(a) => cmd::stream::run(a).await,
     }
 }
 

@@ -13,6 +13,7 @@
 //! [`Extent::qemu_map_depth`] and [`Extent::nbd_allocation_depth`].
 
 use std::fmt::Debug;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -125,8 +126,11 @@ pub struct WriteFlags {
 
 /// A device of blocks. All offsets and lengths are in bytes; requests beyond
 /// [`BlockDevice::size`] fail with [`crate::ErrorKind::OutOfRange`].
+///
+/// `Any` is a supertrait so a chain walker can recognise its own layers
+/// (`(&*dev as &dyn Any).downcast_ref::<Image>()`).
 #[async_trait]
-pub trait BlockDevice: Send + Sync + Debug {
+pub trait BlockDevice: std::any::Any + Send + Sync + Debug {
     /// Virtual size in bytes.
     fn size(&self) -> u64;
 
@@ -152,6 +156,21 @@ pub trait BlockDevice: Send + Sync + Debug {
     /// Allocation status of `[offset, offset + len)`: extents in order, covering
     /// a prefix of the range (at least one byte when `len > 0`); callers loop.
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
+
+    /// The device directly below this one in its chain, if it has one.
+    fn backing_device(&self) -> Option<Arc<dyn BlockDevice>> {
+        None
+    }
+}
+
+/// The layers of a chain from the top: `chain[0]` is `top`, `chain[d]` the
+/// device at depth `d`.
+pub fn chain(top: Arc<dyn BlockDevice>) -> Vec<Arc<dyn BlockDevice>> {
+    let mut out = vec![top];
+    while let Some(next) = out.last().and_then(|d| d.backing_device()) {
+        out.push(next);
+    }
+    out
 }
 
 /// Checks that `[offset, offset + len)` lies inside a device of `size` bytes.

@@ -39,6 +39,12 @@ pub struct MappedRange {
     pub mapping: Mapping,
 }
 
+impl MappedRange {
+    pub fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+}
+
 /// Backing data for an allocation unit that a write covers only in part.
 #[derive(Clone, Copy, Debug)]
 pub struct CowFill<'a> {

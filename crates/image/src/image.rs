@@ -1,36 +1,57 @@
 //! [`Image`]: one format engine plus its backing chain, as a [`BlockDevice`].
+//! An image with a backing is the copy-on-read *overlay* of DESIGN.md.
 //!
 //! This is where layers meet: reads fill what the top file does not hold from
 //! the backing (zeros past a shorter backing); writes that cover an
 //! unallocated unit only in part read that unit from the backing first
 //! (copy-on-write); write-zeroes and discard never uncover backing data; block
-//! status walks down the chain. Every request that can change allocation
-//! holds its unit-aligned range in [`RangeLocks`] from the allocation lookup
-//! to the metadata update, so concurrent requests on one unit never lose an
-//! update. File I/O runs on tokio's blocking pool; the format engine never
-//! sees the async runtime.
+//! status walks down the chain. With copy-on-read on, data read from below is
+//! also kept in the top file; [`Image::populate`] does the same without a
+//! reader (the stream job's primitive), and [`Image::relink`] drops or moves
+//! the backing link when nothing above the base is remote any more.
+//!
+//! The one decision to know: every request that can change allocation —
+//! writes, write-zeroes, discard, copy-on-read and populate copies — holds
+//! its unit-aligned range in [`RangeLocks`] from the allocation lookup to the
+//! metadata update, and a copy re-checks allocation after taking it and only
+//! fills units that are still unallocated. So a copy never overwrites what a
+//! guest wrote, and two requests on one unit never lose an update. Data from
+//! below goes through a bounce buffer, never a caller's buffer. File I/O runs
+//! on tokio's blocking pool; the format engine never sees the runtime.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::device::{
-    BlockDevice, DeviceInfo, Extent, ExtentKind, WriteFlags, check_range, push_extent,
+    BlockDevice, DeviceInfo, Extent, ExtentKind, WriteFlags, block_status_all, check_range,
+    push_extent,
 };
 use crate::format::{BackingSpec, CowFill, Format, Mapping};
 use crate::rangelock::RangeLocks;
+use crate::stats::{IoStats, Op};
 use crate::{Error, Result};
+
+/// The largest bounce buffer one copy uses.
+const MAX_COPY_PIECE: u64 = 4 << 20;
+
+/// `AtomicU32` value meaning "no base: copy from every layer".
+const NO_BASE: u32 = u32::MAX;
 
 /// An open image: a format engine and, optionally, the device below it.
 #[derive(Debug)]
 pub struct Image {
     format: Arc<dyn Format>,
-    backing: Option<Arc<dyn BlockDevice>>,
+    backing: RwLock<Option<Arc<dyn BlockDevice>>>,
     locks: RangeLocks,
     name: String,
     closed: AtomicBool,
+    copy_on_read: AtomicBool,
+    /// Depth of the layer copy-on-read stops at (`NO_BASE` = none).
+    cor_base_depth: AtomicU32,
+    stats: IoStats,
 }
 
 /// Runs a blocking format call on tokio's blocking pool.
@@ -46,16 +67,72 @@ where
     }
 }
 
+/// What [`Image::populate`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PopulateOutcome {
+    /// Bytes read from below and written into this image.
+    pub copied: u64,
+    /// Bytes made zero units here (zeros above the base over base data).
+    pub zeroed: u64,
+}
+
+/// What one unit needs so that it no longer depends on layers above the base.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum UnitAction {
+    /// Nothing: it is a hole everywhere, or lives in the base or below.
+    Skip,
+    /// Reads as zeros from above the base while the base below it may hold
+    /// data: becomes a zero unit.
+    Zero,
+    /// Holds data above the base: copy its content.
+    Copy,
+}
+
+/// A run of units with one action.
+#[derive(Clone, Copy, Debug)]
+struct UnitRun {
+    action: UnitAction,
+    start: u64,
+    end: u64,
+    /// Every byte of the run is a hole in every layer.
+    all_hole: bool,
+}
+
+/// Where a byte range can be read from after a populate.
+#[derive(Debug)]
+enum Piece {
+    /// Allocated here before the copy looked (a guest write won the range).
+    Local(u64, u64),
+    /// Copied just now: the bytes.
+    Copied(u64, Arc<Vec<u8>>),
+    /// Reads as zeros.
+    Zeros(u64, u64),
+    /// Left below on purpose (the base or deeper).
+    Below(u64, u64),
+}
+
+impl Piece {
+    fn span(&self) -> (u64, u64) {
+        match self {
+            Piece::Local(o, n) | Piece::Zeros(o, n) | Piece::Below(o, n) => (*o, *n),
+            Piece::Copied(o, d) => (*o, d.len() as u64),
+        }
+    }
+}
+
 impl Image {
     /// Puts `format` on top of `backing`.
     pub fn new(format: Arc<dyn Format>, backing: Option<Arc<dyn BlockDevice>>) -> Self {
         let name = format.storage().path().display().to_string();
         Image {
             format,
-            backing,
+            backing: RwLock::new(backing),
             locks: RangeLocks::new(),
             name,
             closed: AtomicBool::new(false),
+            copy_on_read: AtomicBool::new(false),
+            cor_base_depth: AtomicU32::new(NO_BASE),
+            stats: IoStats::default(),
         }
     }
 
@@ -63,8 +140,12 @@ impl Image {
         &self.format
     }
 
-    pub fn backing(&self) -> Option<&Arc<dyn BlockDevice>> {
-        self.backing.as_ref()
+    /// The device below, as it is now (the link can change on [`Image::relink`]).
+    pub fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
+        self.backing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The backing named by the image header.
@@ -74,6 +155,22 @@ impl Image {
 
     pub fn locks(&self) -> &RangeLocks {
         &self.locks
+    }
+
+    pub fn stats(&self) -> &IoStats {
+        &self.stats
+    }
+
+    /// Turns copy-on-read on or off. `base_depth` is the layer copy-on-read
+    /// stops at (data at that depth or deeper is read, not copied).
+    pub fn set_copy_on_read(&self, on: bool, base_depth: Option<u32>) {
+        self.cor_base_depth
+            .store(base_depth.unwrap_or(NO_BASE), Ordering::SeqCst);
+        self.copy_on_read.store(on, Ordering::SeqCst);
+    }
+
+    pub fn copy_on_read(&self) -> bool {
+        self.copy_on_read.load(Ordering::SeqCst)
     }
 
     /// Flushes and marks the image clean. Further I/O is refused.
@@ -110,7 +207,7 @@ impl Image {
     /// Reads `[offset, offset + len)` from below this layer: the backing,
     /// zeros past its end, or zeros without one.
     async fn read_below(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let Some(backing) = &self.backing else {
+        let Some(backing) = self.backing() else {
             return Ok(vec![0; len as usize]);
         };
         let bsize = backing.size();
@@ -119,6 +216,7 @@ impl Image {
         }
         let n = len.min(bsize - offset);
         let mut data = backing.read(offset, n as usize).await?;
+        self.stats.add_backing_read(n);
         data.resize(len as usize, 0);
         Ok(data)
     }
@@ -126,16 +224,16 @@ impl Image {
     /// The units that `[offset, end)` covers only in part and that are not
     /// allocated in this file, with their content from below.
     async fn cow_fills(&self, offset: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>> {
-        if self.backing.is_none() {
+        if self.backing().is_none() {
             return Ok(Vec::new());
         }
         let g = self.format.granularity();
         let size = self.size();
         let mut units = Vec::new();
-        if offset % g != 0 {
+        if !offset.is_multiple_of(g) {
             units.push(offset - offset % g);
         }
-        if end % g != 0 && end < size {
+        if !end.is_multiple_of(g) && end < size {
             let u = end - end % g;
             if units.last() != Some(&u) {
                 units.push(u);
@@ -152,14 +250,11 @@ impl Image {
         Ok(fills)
     }
 
-    /// Writes zeros through the normal write path (for partial units).
-    async fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        let fills = self.cow_fills(offset, offset + len).await?;
+    /// Writes through the format with the copy-on-write fills it needs. The
+    /// caller holds the unit-aligned range.
+    async fn write_locked(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        let fills = self.cow_fills(offset, offset + data.len() as u64).await?;
         blocking(&self.format, move |f| {
-            let zeros = vec![0u8; len as usize];
             let fills: Vec<CowFill<'_>> = fills
                 .iter()
                 .map(|(o, d)| CowFill {
@@ -167,7 +262,8 @@ impl Image {
                     data: d,
                 })
                 .collect();
-            f.write(offset, &zeros, &fills)
+            f.write(offset, &data, &fills)?;
+            if fua { f.flush() } else { Ok(()) }
         })
         .await
     }
@@ -193,6 +289,250 @@ impl Image {
         let tail = (mid_end, end - mid_end);
         (head, mid, tail)
     }
+
+    /// Block status of a range this layer does not hold, from below.
+    async fn status_below(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
+        let hole = |offset, length| Extent {
+            offset,
+            length,
+            kind: ExtentKind::Hole,
+            depth: None,
+            host_offset: None,
+            compressed: false,
+        };
+        let Some(backing) = self.backing() else {
+            push_extent(out, hole(offset, len));
+            return Ok(());
+        };
+        let end = offset + len;
+        let bend = end.min(backing.size());
+        if offset < bend {
+            for e in block_status_all(&*backing, offset, bend - offset).await? {
+                push_extent(out, e.one_layer_down());
+            }
+        }
+        if bend.max(offset) < end {
+            push_extent(out, hole(bend.max(offset), end - bend.max(offset)));
+        }
+        Ok(())
+    }
+
+    /// Copies what `[offset, offset + len)` still needs from layers above
+    /// `base_depth` (all layers when `None`) into this image, without
+    /// returning data: the stream job's primitive. Units already allocated
+    /// here are left alone, whoever allocated them; so is everything that
+    /// lives in the base or below, or is a hole everywhere. Zeros above the
+    /// base become zero units when a base stays below them.
+    pub async fn populate(
+        &self,
+        offset: u64,
+        len: u64,
+        base_depth: Option<u32>,
+    ) -> Result<PopulateOutcome> {
+        self.check_writable()?;
+        check_range(self.size(), offset, len)?;
+        if len == 0 {
+            return Ok(PopulateOutcome::default());
+        }
+        let (s, e) = self.unit_span(offset, len);
+        let _guard = self.locks.lock(s, e).await;
+        let (outcome, _) = self.populate_locked(s, e, base_depth, false).await?;
+        self.stats.add_populated(outcome.copied);
+        Ok(outcome)
+    }
+
+    /// [`Image::populate`] of the unit-aligned `[start, end)`, range held.
+    /// With `keep_data`, also returns where every byte of the range can be
+    /// read from now, with the bytes it copied, so a copy-on-read serves its
+    /// reader without reading anything twice.
+    async fn populate_locked(
+        &self,
+        start: u64,
+        end: u64,
+        base_depth: Option<u32>,
+        keep_data: bool,
+    ) -> Result<(PopulateOutcome, Vec<Piece>)> {
+        // Re-check allocation now that the range is ours.
+        let map = blocking(&self.format, move |f| f.map(start, end - start)).await?;
+        let mut outcome = PopulateOutcome::default();
+        let mut pieces = Vec::new();
+        for r in &map {
+            if r.mapping != Mapping::Unallocated {
+                pieces.push(Piece::Local(r.offset, r.length));
+                continue;
+            }
+            let mut below = Vec::new();
+            self.status_below(r.offset, r.length, &mut below).await?;
+            for run in self.unit_actions(r.offset, r.end(), &below, base_depth) {
+                let (run_start, run_end) = (run.start, run.end);
+                let n = run_end - run_start;
+                match run.action {
+                    UnitAction::Skip if run.all_hole => pieces.push(Piece::Zeros(run_start, n)),
+                    UnitAction::Skip => pieces.push(Piece::Below(run_start, n)),
+                    UnitAction::Zero => {
+                        blocking(&self.format, move |f| {
+                            f.write_zeroes(run_start, n, true, true)
+                        })
+                        .await?;
+                        outcome.zeroed += n;
+                        pieces.push(Piece::Zeros(run_start, n));
+                    }
+                    UnitAction::Copy => {
+                        // Whole units only: no copy-on-write fill is needed.
+                        // Bounded pieces bound the bounce buffer.
+                        let step = MAX_COPY_PIECE.next_multiple_of(self.format.granularity());
+                        let mut pos = run_start;
+                        while pos < run_end {
+                            let n = step.min(run_end - pos);
+                            let data = Arc::new(self.read_below(pos, n).await?);
+                            let d = Arc::clone(&data);
+                            blocking(&self.format, move |f| f.write(pos, &d, &[])).await?;
+                            outcome.copied += n;
+                            if keep_data {
+                                pieces.push(Piece::Copied(pos, data));
+                            }
+                            pos += n;
+                        }
+                    }
+                }
+            }
+        }
+        Ok((outcome, pieces))
+    }
+
+    /// Classifies the units of `[start, end)` (unallocated here) from the
+    /// extents below them, merging neighbours with the same action.
+    fn unit_actions(
+        &self,
+        start: u64,
+        end: u64,
+        below: &[Extent],
+        base_depth: Option<u32>,
+    ) -> Vec<UnitRun> {
+        let g = self.format.granularity();
+        let mut runs: Vec<UnitRun> = Vec::new();
+        let mut i = 0;
+        let mut unit = start;
+        while unit < end {
+            let unit_end = (unit + g).min(end);
+            let (mut copy, mut zero, mut base_data, mut all_hole) = (false, false, false, true);
+            while i < below.len() && below[i].end() <= unit {
+                i += 1;
+            }
+            for x in below[i..].iter().take_while(|x| x.offset < unit_end) {
+                let above_base = match (x.depth, base_depth) {
+                    (None, _) => false,
+                    (Some(d), Some(b)) => d < b,
+                    (Some(_), None) => true,
+                };
+                all_hole &= x.kind == ExtentKind::Hole;
+                match (x.kind, above_base) {
+                    (ExtentKind::Data, true) => copy = true,
+                    (ExtentKind::Zero, true) => zero = base_depth.is_some(),
+                    (ExtentKind::Data, false) => base_data = true,
+                    _ => {}
+                }
+            }
+            let action = if copy || (zero && base_data) {
+                UnitAction::Copy
+            } else if zero {
+                UnitAction::Zero
+            } else {
+                UnitAction::Skip
+            };
+            match runs.last_mut() {
+                Some(last)
+                    if last.action == action && last.all_hole == all_hole && last.end == unit =>
+                {
+                    last.end = unit_end
+                }
+                _ => runs.push(UnitRun {
+                    action,
+                    start: unit,
+                    end: unit_end,
+                    all_hole,
+                }),
+            }
+            unit = unit_end;
+        }
+        runs
+    }
+
+    /// Copy-on-read of one unallocated run `[offset, offset + len)` of a
+    /// guest read whose buffer `buf` starts at `buf_offset`: keeps what it
+    /// finds below in this image and fills the buffer from the same bytes.
+    async fn copy_on_read_range(
+        &self,
+        offset: u64,
+        len: u64,
+        buf: &mut [u8],
+        buf_offset: u64,
+    ) -> Result<()> {
+        let base = match self.cor_base_depth.load(Ordering::SeqCst) {
+            NO_BASE => None,
+            d => Some(d),
+        };
+        let (s, e) = self.unit_span(offset, len);
+        let pieces = {
+            let _guard = self.locks.lock(s, e).await;
+            let (outcome, pieces) = self.populate_locked(s, e, base, true).await?;
+            self.stats.add_cor(outcome.copied);
+            pieces
+        };
+        let (want_start, want_end) = (offset, offset + len);
+        for piece in pieces {
+            let (p_start, p_len) = piece.span();
+            let a = p_start.max(want_start);
+            let b = (p_start + p_len).min(want_end);
+            if a >= b {
+                continue;
+            }
+            let dst = &mut buf[(a - buf_offset) as usize..(b - buf_offset) as usize];
+            match piece {
+                Piece::Zeros(..) => dst.fill(0),
+                Piece::Copied(at, data) => {
+                    dst.copy_from_slice(&data[(a - at) as usize..(b - at) as usize])
+                }
+                Piece::Below(..) => dst.copy_from_slice(&self.read_below(a, b - a).await?),
+                Piece::Local(..) => {
+                    // A guest write won the range meanwhile: read it back.
+                    let (part, left) = blocking(&self.format, move |f| {
+                        let mut part = vec![0u8; (b - a) as usize];
+                        let left = f.read(a, &mut part)?;
+                        Ok((part, left))
+                    })
+                    .await?;
+                    dst.copy_from_slice(&part);
+                    for (loff, llen) in left {
+                        let data = self.read_below(loff, llen).await?;
+                        let at = (loff - a) as usize;
+                        dst[at..at + llen as usize].copy_from_slice(&data);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes this image independent of everything above `new_backing`: after
+    /// flushing every copied byte, rewrites the header's backing link to
+    /// `new_backing` (or removes it) in one write, then switches the device
+    /// below in memory. The caller has made sure nothing above the new
+    /// backing is still remote.
+    pub async fn relink(
+        &self,
+        new_backing: Option<(BackingSpec, Arc<dyn BlockDevice>)>,
+    ) -> Result<()> {
+        self.check_writable()?;
+        let spec = new_backing.as_ref().map(|(s, _)| s.clone());
+        blocking(&self.format, move |f| {
+            f.flush()?;
+            f.set_backing(spec.as_ref())
+        })
+        .await?;
+        *self.backing.write().unwrap_or_else(|e| e.into_inner()) = new_backing.map(|(_, d)| d);
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -206,13 +546,14 @@ impl BlockDevice for Image {
             name: self.name.clone(),
             format: self.format.format_name().to_string(),
             read_only: self.format.read_only(),
-            layers: 1 + self.backing.as_ref().map_or(0, |b| b.info().layers),
+            layers: 1 + self.backing().map_or(0, |b| b.info().layers),
             granularity: self.format.granularity(),
             can_flush: !self.format.read_only(),
         }
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let _req = self.stats.begin(Op::Read, len as u64);
         check_range(self.size(), offset, len as u64)?;
         let (mut buf, holes) = blocking(&self.format, move |f| {
             let mut buf = vec![0u8; len];
@@ -220,8 +561,15 @@ impl BlockDevice for Image {
             Ok((buf, holes))
         })
         .await?;
-        if self.backing.is_some() {
-            for (hoff, hlen) in holes {
+        if holes.is_empty() || self.backing().is_none() {
+            return Ok(buf);
+        }
+        let cor = self.copy_on_read() && !self.format.read_only();
+        for (hoff, hlen) in holes {
+            if cor {
+                self.copy_on_read_range(hoff, hlen, &mut buf, offset)
+                    .await?;
+            } else {
                 let data = self.read_below(hoff, hlen).await?;
                 let at = (hoff - offset) as usize;
                 buf[at..at + hlen as usize].copy_from_slice(&data);
@@ -231,30 +579,19 @@ impl BlockDevice for Image {
     }
 
     async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
+        let _req = self.stats.begin(Op::Write, data.len() as u64);
         self.check_writable()?;
         check_range(self.size(), offset, data.len() as u64)?;
         if data.is_empty() {
             return Ok(());
         }
-        let end = offset + data.len() as u64;
         let (s, e) = self.unit_span(offset, data.len() as u64);
         let _guard = self.locks.lock(s, e).await;
-        let fills = self.cow_fills(offset, end).await?;
-        blocking(&self.format, move |f| {
-            let fills: Vec<CowFill<'_>> = fills
-                .iter()
-                .map(|(o, d)| CowFill {
-                    offset: *o,
-                    data: d,
-                })
-                .collect();
-            f.write(offset, &data, &fills)?;
-            if flags.fua { f.flush() } else { Ok(()) }
-        })
-        .await
+        self.write_locked(offset, data, flags.fua).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        let _req = self.stats.begin(Op::Other, 0);
         self.check_writable()?;
         check_range(self.size(), offset, len)?;
         if len == 0 {
@@ -263,18 +600,24 @@ impl BlockDevice for Image {
         let (s, e) = self.unit_span(offset, len);
         let _guard = self.locks.lock(s, e).await;
         let (head, mid, tail) = self.split_units(offset, len);
-        self.write_zero_bytes(head.0, head.1).await?;
+        for (o, n) in [head, tail] {
+            if n > 0 {
+                self.write_locked(o, Bytes::from(vec![0u8; n as usize]), false)
+                    .await?;
+            }
+        }
         if mid.1 > 0 {
-            let has_backing = self.backing.is_some();
+            let has_backing = self.backing().is_some();
             blocking(&self.format, move |f| {
                 f.write_zeroes(mid.0, mid.1, may_unmap, has_backing)
             })
             .await?;
         }
-        self.write_zero_bytes(tail.0, tail.1).await
+        Ok(())
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _req = self.stats.begin(Op::Other, 0);
         self.check_writable()?;
         check_range(self.size(), offset, len)?;
         // Partial units keep their content: discard is only a hint.
@@ -283,11 +626,12 @@ impl BlockDevice for Image {
             return Ok(());
         }
         let _guard = self.locks.lock(mid.0, mid.0 + mid.1).await;
-        let has_backing = self.backing.is_some();
+        let has_backing = self.backing().is_some();
         blocking(&self.format, move |f| f.discard(mid.0, mid.1, has_backing)).await
     }
 
     async fn flush(&self) -> Result<()> {
+        let _req = self.stats.begin(Op::Other, 0);
         if self.format.read_only() {
             return Ok(());
         }
@@ -323,34 +667,9 @@ impl BlockDevice for Image {
         }
         Ok(out)
     }
-}
 
-impl Image {
-    /// Block status of a range this layer does not hold, from below.
-    async fn status_below(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
-        let hole = |offset, length| Extent {
-            offset,
-            length,
-            kind: ExtentKind::Hole,
-            depth: None,
-            host_offset: None,
-            compressed: false,
-        };
-        let Some(backing) = &self.backing else {
-            push_extent(out, hole(offset, len));
-            return Ok(());
-        };
-        let end = offset + len;
-        let bend = end.min(backing.size());
-        if offset < bend {
-            for e in crate::device::block_status_all(&**backing, offset, bend - offset).await? {
-                push_extent(out, e.one_layer_down());
-            }
-        }
-        if bend.max(offset) < end {
-            push_extent(out, hole(bend.max(offset), end - bend.max(offset)));
-        }
-        Ok(())
+    fn backing_device(&self) -> Option<Arc<dyn BlockDevice>> {
+        self.backing()
     }
 }
 

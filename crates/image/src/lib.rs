@@ -16,6 +16,7 @@ pub mod open;
 pub mod qcow2;
 pub mod rangelock;
 pub mod raw;
+pub mod stats;
 pub mod storage;
 pub mod testing;
 

@@ -132,7 +132,7 @@ impl FileStorage {
     }
 
     fn aligned(offset: u64, len: usize) -> bool {
-        offset % DIRECT_ALIGN as u64 == 0 && len % DIRECT_ALIGN == 0
+        offset.is_multiple_of(DIRECT_ALIGN as u64) && len.is_multiple_of(DIRECT_ALIGN)
     }
 
     fn read_exact_zero_fill(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -150,6 +150,34 @@ impl FileStorage {
         }
         Ok(())
     }
+}
+
+/// Bounce buffers up to this size are kept per thread and reused: a fresh
+/// one per request costs an mmap and a page fault per 4 KiB.
+const BOUNCE_CACHE_MAX: usize = 8 << 20;
+
+thread_local! {
+    static BOUNCE: std::cell::RefCell<Option<AlignedBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with an aligned buffer of exactly `len` bytes, reusing this
+/// thread's cached one when it is large enough. Its content on entry is
+/// unspecified (but initialised).
+fn with_bounce<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+    if len > BOUNCE_CACHE_MAX {
+        let mut b = AlignedBuf::new(len);
+        return f(b.as_mut());
+    }
+    BOUNCE.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|b| b.len < len) {
+            *slot = Some(AlignedBuf::new(
+                len.next_power_of_two().min(BOUNCE_CACHE_MAX),
+            ));
+        }
+        let buf = slot.as_mut().expect("just filled");
+        f(&mut buf.as_mut()[..len])
+    })
 }
 
 /// A heap buffer aligned for O_DIRECT.
@@ -187,45 +215,51 @@ impl Drop for AlignedBuf {
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if !self.direct
-            || (Self::aligned(offset, buf.len()) && buf.as_ptr() as usize % DIRECT_ALIGN == 0)
+            || (Self::aligned(offset, buf.len())
+                && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN))
         {
             return self.read_exact_zero_fill(buf, offset);
         }
         let start = offset - offset % DIRECT_ALIGN as u64;
         let end = (offset + buf.len() as u64).next_multiple_of(DIRECT_ALIGN as u64);
-        let mut bounce = AlignedBuf::new((end - start) as usize);
-        self.read_exact_zero_fill(bounce.as_mut(), start)?;
         let skip = (offset - start) as usize;
-        buf.copy_from_slice(&bounce.as_mut()[skip..skip + buf.len()]);
-        Ok(())
+        with_bounce((end - start) as usize, |bounce| {
+            self.read_exact_zero_fill(bounce, start)?;
+            buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
+            Ok(())
+        })
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         if !self.direct
-            || (Self::aligned(offset, buf.len()) && buf.as_ptr() as usize % DIRECT_ALIGN == 0)
+            || (Self::aligned(offset, buf.len())
+                && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN))
         {
             return self.file.write_all_at(buf, offset);
         }
         let start = offset - offset % DIRECT_ALIGN as u64;
         let end = (offset + buf.len() as u64).next_multiple_of(DIRECT_ALIGN as u64);
-        let mut bounce = AlignedBuf::new((end - start) as usize);
         let skip = (offset - start) as usize;
         let partial = !Self::aligned(offset, buf.len());
         // A partial block is read, patched and written back; two such
         // read-modify-writes of one block must not interleave.
         let _guard = partial.then(|| self.rmw.lock().unwrap_or_else(|e| e.into_inner()));
         let old_len = self.file.metadata()?.len();
-        if partial {
-            // Only the first and the last block can be partial.
-            for block in [start, end - DIRECT_ALIGN as u64] {
-                if block < old_len {
+        with_bounce((end - start) as usize, |bounce| {
+            if partial {
+                // Only the first and the last block can be partial.
+                for block in [start, end - DIRECT_ALIGN as u64] {
                     let b = (block - start) as usize;
-                    self.read_exact_zero_fill(&mut bounce.as_mut()[b..b + DIRECT_ALIGN], block)?;
+                    if block < old_len {
+                        self.read_exact_zero_fill(&mut bounce[b..b + DIRECT_ALIGN], block)?;
+                    } else {
+                        bounce[b..b + DIRECT_ALIGN].fill(0);
+                    }
                 }
             }
-        }
-        bounce.as_mut()[skip..skip + buf.len()].copy_from_slice(buf);
-        self.file.write_all_at(bounce.as_mut(), start)?;
+            bounce[skip..skip + buf.len()].copy_from_slice(buf);
+            self.file.write_all_at(bounce, start)
+        })?;
         let new_end = offset + buf.len() as u64;
         if end > old_len.max(new_end) {
             // The padding grew the file past what was asked: trim it back.

@@ -473,7 +473,7 @@ async fn qcow2_fixture(
     .await
     .unwrap_or_else(|e| panic!("{name}: create: {e}"));
     let img = open_rw(&path).await;
-    let below = img.backing().cloned();
+    let below = img.backing();
     Fixture {
         name,
         dev: img,

@@ -20,6 +20,7 @@ pub mod info;
 pub mod map;
 pub mod progress;
 pub mod serve;
+pub mod stream;
 
 /// `--output` of the reporting commands, as qemu-img's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -1,0 +1,730 @@
+//! The stream job engine: full mode ([`StreamJob`]) and one-unit mode ([`step`]).
+//!
+//! The job scans block status in windows, skips what is local, a hole, or in
+//! the base, and hands unit-aligned chunks to [`Image::populate`], several in
+//! flight. Only chunks that hold data count against the rate limit. Between
+//! chunks it reads its control channel (pause, resume, cancel, speed), so
+//! control takes effect within one chunk per copy in flight. When the scan is
+//! done it re-checks that nothing above the base is remote, then relinks.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use image::device::block_status_all;
+use image::image::PopulateOutcome;
+use image::{BlockDevice, Extent, ExtentKind, Image};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::base::Base;
+use crate::throttle::TokenBucket;
+
+/// Block status is asked for this much of the device at a time.
+const SCAN_WINDOW: u64 = 1 << 30;
+/// The whole device is re-scanned at most this many times after the first
+/// pass finds ranges that are still remote (copies that failed and were
+/// ignored are not retried; this covers ranges that changed under the scan).
+const MAX_PASSES: u32 = 3;
+
+/// What a failed copy does to the job (QEMU's `on-error`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Fail the job.
+    #[default]
+    Report,
+    /// Pause the job; resuming retries from the failed range.
+    Stop,
+    /// Skip the range and go on; the job then ends with an error and keeps
+    /// the backing link, since the image still needs it.
+    Ignore,
+}
+
+/// How to stream.
+#[derive(Clone, Debug)]
+pub struct StreamOptions {
+    /// Name shown in job info.
+    pub device: String,
+    pub base: Base,
+    /// Bytes per second of copied data; 0 = unlimited.
+    pub speed: u64,
+    pub on_error: OnError,
+    /// Copies in flight at once (QEMU has one).
+    pub max_in_flight: usize,
+    /// Bytes per copy (rounded up to the image's allocation unit).
+    pub chunk_size: u64,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        StreamOptions {
+            device: String::new(),
+            base: Base::default(),
+            speed: 0,
+            on_error: OnError::Report,
+            max_in_flight: 8,
+            chunk_size: 1 << 20,
+        }
+    }
+}
+
+/// Job states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Running,
+    Paused,
+    Completed,
+    Cancelled,
+    Failed,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Completed | JobState::Cancelled | JobState::Failed
+        )
+    }
+}
+
+/// The original proposal's `virDomainStreamDiskInfo`, and a little more.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct JobInfo {
+    pub device: String,
+    pub state: JobState,
+    /// Scan position: everything below it has been handed to a copy.
+    pub offset: u64,
+    pub size: u64,
+    /// Bytes copied from below so far.
+    pub copied: u64,
+    /// Bytes made zero units (zeros above a base).
+    pub zeroed: u64,
+    /// Bytes of data still remote (above the base), as counted when the job
+    /// started minus what it copied since; exact again at completion.
+    pub remote: u64,
+    /// Copy rate over the last few seconds, bytes per second.
+    pub rate: u64,
+    /// The speed limit; 0 = none.
+    pub speed: u64,
+    pub in_flight: usize,
+    pub eta_seconds: Option<f64>,
+    pub errors_ignored: u64,
+    pub error: Option<String>,
+}
+
+/// How a job ended when it did not fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Nothing above the base is remote and the link was rewritten.
+    Completed,
+    /// Stopped on request; the image keeps its link and can resume.
+    Cancelled,
+}
+
+/// What a finished job did.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct StreamSummary {
+    pub outcome: Outcome,
+    pub copied: u64,
+    pub zeroed: u64,
+    /// Bytes the scan passed over: local already, holes, in the base.
+    pub skipped: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StreamError {
+    #[error("{0}")]
+    Image(Arc<image::Error>),
+    #[error(
+        "{count} range(s) could not be copied (first at offset {first}: {message}); the backing link is kept"
+    )]
+    Incomplete {
+        count: u64,
+        first: u64,
+        message: String,
+    },
+}
+
+impl From<image::Error> for StreamError {
+    fn from(e: image::Error) -> Self {
+        StreamError::Image(Arc::new(e))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Control {
+    paused: bool,
+    cancelled: bool,
+    speed: u64,
+}
+
+#[derive(Debug)]
+struct Status {
+    info: JobInfo,
+    /// (time, copied) samples for the rate.
+    samples: VecDeque<(Instant, u64)>,
+    skipped: u64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    status: Mutex<Status>,
+    state_tx: watch::Sender<JobState>,
+    /// The job's own handle sends control too: `on-error=stop` pauses itself.
+    control: watch::Sender<Control>,
+}
+
+impl Shared {
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut st);
+    }
+
+    fn set_state(&self, state: JobState) {
+        self.update(|st| st.info.state = state);
+        self.state_tx.send_replace(state);
+    }
+
+    fn add_done(&self, out: PopulateOutcome) {
+        let now = Instant::now();
+        self.update(|st| {
+            st.info.copied += out.copied;
+            st.info.zeroed += out.zeroed;
+            st.info.remote = st.info.remote.saturating_sub(out.copied);
+            st.samples.push_back((now, st.info.copied));
+            while st.samples.len() > 2
+                && now.saturating_duration_since(st.samples[0].0) > Duration::from_secs(3)
+            {
+                st.samples.pop_front();
+            }
+        });
+    }
+}
+
+/// A running (or finished) full-mode stream.
+#[derive(Debug)]
+pub struct StreamJob {
+    shared: Arc<Shared>,
+    result: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<StreamSummary, StreamError>>>>,
+    finished: Mutex<Option<Result<StreamSummary, StreamError>>>,
+}
+
+impl StreamJob {
+    /// Starts streaming `image` in the background. Returns at once.
+    pub fn start(image: Arc<Image>, opts: StreamOptions) -> StreamJob {
+        let device = if opts.device.is_empty() {
+            image.info().name
+        } else {
+            opts.device.clone()
+        };
+        let info = JobInfo {
+            device,
+            state: JobState::Running,
+            offset: 0,
+            size: image.size(),
+            copied: 0,
+            zeroed: 0,
+            remote: 0,
+            rate: 0,
+            speed: opts.speed,
+            in_flight: 0,
+            eta_seconds: None,
+            errors_ignored: 0,
+            error: None,
+        };
+        let (state_tx, _) = watch::channel(JobState::Running);
+        let (control, ctl_rx) = watch::channel(Control {
+            paused: false,
+            cancelled: false,
+            speed: opts.speed,
+        });
+        let shared = Arc::new(Shared {
+            status: Mutex::new(Status {
+                info,
+                samples: VecDeque::new(),
+                skipped: 0,
+            }),
+            state_tx,
+            control,
+        });
+        let runner = Runner {
+            image,
+            opts,
+            shared: Arc::clone(&shared),
+            ctl: ctl_rx,
+        };
+        let handle = tokio::spawn(runner.run());
+        StreamJob {
+            shared,
+            result: tokio::sync::Mutex::new(Some(handle)),
+            finished: Mutex::new(None),
+        }
+    }
+
+    /// Stops issuing copies; the job is `Paused` once the copies in flight
+    /// have finished.
+    pub fn pause(&self) {
+        self.shared.control.send_modify(|c| c.paused = true);
+    }
+
+    pub fn resume(&self) {
+        self.shared.control.send_modify(|c| c.paused = false);
+    }
+
+    /// Stops the job. The image keeps its backing link and stays resumable.
+    pub fn cancel(&self) {
+        self.shared.control.send_modify(|c| c.cancelled = true);
+    }
+
+    /// Changes the speed limit (bytes per second of copied data, 0 = none).
+    pub fn set_speed(&self, speed: u64) {
+        self.shared.control.send_modify(|c| c.speed = speed);
+        self.shared.update(|st| st.info.speed = speed);
+    }
+
+    /// A snapshot of the job's progress.
+    pub fn info(&self) -> JobInfo {
+        let st = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        let mut info = st.info.clone();
+        if let (Some(first), Some(last)) = (st.samples.front(), st.samples.back()) {
+            let dt = last.0.saturating_duration_since(first.0).as_secs_f64();
+            if dt > 0.0 {
+                info.rate = ((last.1 - first.1) as f64 / dt) as u64;
+            }
+        }
+        if info.state == JobState::Running && info.rate > 0 {
+            info.eta_seconds = Some(info.remote as f64 / info.rate as f64);
+        }
+        info
+    }
+
+    /// Follows the job's state changes.
+    pub fn subscribe(&self) -> watch::Receiver<JobState> {
+        self.shared.state_tx.subscribe()
+    }
+
+    /// Waits for the job to end and returns how it ended (every call gets
+    /// the same answer). Cancellation-safe: a `wait` dropped mid-way (say, in
+    /// a `select!` that Ctrl-C won) leaves the job for the next `wait`.
+    pub async fn wait(&self) -> Result<StreamSummary, StreamError> {
+        let mut slot = self.result.lock().await;
+        if let Some(handle) = slot.as_mut() {
+            let r = match handle.await {
+                Ok(r) => r,
+                Err(e) => Err(image::Error::Internal(format!("stream task failed: {e}")).into()),
+            };
+            *self.finished.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            *slot = None;
+        }
+        self.finished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .expect("result stored when the task was joined")
+    }
+}
+
+/// What the scan should do with one extent.
+fn wants(e: &Extent, base_depth: Option<u32>) -> Option<ExtentKind> {
+    let d = e.depth?;
+    if d == 0 || base_depth.is_some_and(|b| d >= b) {
+        return None;
+    }
+    match e.kind {
+        ExtentKind::Data => Some(ExtentKind::Data),
+        // Zeros above a base must hide the base's data: they become zero units.
+        ExtentKind::Zero if base_depth.is_some() => Some(ExtentKind::Zero),
+        _ => None,
+    }
+}
+
+/// Bytes above the base that `image` still reads from below (data, and
+/// zeros that would have to hide a base).
+pub async fn remaining_bytes(image: &Image, base_depth: Option<u32>) -> Result<u64, StreamError> {
+    let size = image.size();
+    let mut pos = 0;
+    let mut total = 0;
+    while pos < size {
+        let n = (size - pos).min(SCAN_WINDOW);
+        for e in block_status_all(image, pos, n).await? {
+            if wants(&e, base_depth).is_some() {
+                total += e.length;
+            }
+        }
+        pos += n;
+    }
+    Ok(total)
+}
+
+/// Bytes of data above the base still remote.
+async fn remote_data_bytes(image: &Image, base_depth: Option<u32>) -> Result<u64, StreamError> {
+    let size = image.size();
+    let mut pos = 0;
+    let mut total = 0;
+    while pos < size {
+        let n = (size - pos).min(SCAN_WINDOW);
+        for e in block_status_all(image, pos, n).await? {
+            if wants(&e, base_depth) == Some(ExtentKind::Data) {
+                total += e.length;
+            }
+        }
+        pos += n;
+    }
+    Ok(total)
+}
+
+/// Rewrites the link once nothing above the base is remote.
+async fn complete(image: &Image, base: &Base) -> Result<(), StreamError> {
+    if base.link.is_none() && image.backing().is_none() && image.backing_spec().is_none() {
+        image.flush().await?;
+        return Ok(());
+    }
+    image.relink(base.link.clone()).await?;
+    Ok(())
+}
+
+type CopyResult = (u64, u64, image::Result<PopulateOutcome>);
+
+struct Runner {
+    image: Arc<Image>,
+    opts: StreamOptions,
+    shared: Arc<Shared>,
+    ctl: watch::Receiver<Control>,
+}
+
+/// What the control channel says to do next.
+enum Next {
+    Go,
+    Cancel,
+}
+
+impl Runner {
+    async fn run(mut self) -> Result<StreamSummary, StreamError> {
+        let started = Instant::now();
+        let r = self.stream().await;
+        let seconds = started.elapsed().as_secs_f64();
+        let st = |s: &Shared| {
+            let st = s.status.lock().unwrap_or_else(|e| e.into_inner());
+            (st.info.copied, st.info.zeroed, st.skipped)
+        };
+        match r {
+            Ok(outcome) => {
+                let (copied, zeroed, skipped) = st(&self.shared);
+                if outcome == Outcome::Completed {
+                    self.shared.update(|s| s.info.remote = 0);
+                }
+                self.shared.set_state(match outcome {
+                    Outcome::Completed => JobState::Completed,
+                    Outcome::Cancelled => JobState::Cancelled,
+                });
+                Ok(StreamSummary {
+                    outcome,
+                    copied,
+                    zeroed,
+                    skipped,
+                    seconds,
+                })
+            }
+            Err(e) => {
+                // Whatever was copied stays valid: make it durable.
+                let _ = self.image.flush().await;
+                self.shared.update(|s| s.info.error = Some(e.to_string()));
+                self.shared.set_state(JobState::Failed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits while paused; says whether to go on or stop.
+    async fn checkpoint(
+        &mut self,
+        tasks: &mut JoinSet<CopyResult>,
+        failures: &mut Failures,
+    ) -> Result<Next, StreamError> {
+        loop {
+            let c = *self.ctl.borrow_and_update();
+            if c.cancelled {
+                self.drain(tasks, failures).await?;
+                return Ok(Next::Cancel);
+            }
+            if !c.paused {
+                if self
+                    .shared
+                    .status
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .info
+                    .state
+                    == JobState::Paused
+                {
+                    self.shared.set_state(JobState::Running);
+                }
+                return Ok(Next::Go);
+            }
+            self.drain(tasks, failures).await?;
+            self.shared.set_state(JobState::Paused);
+            if self.ctl.changed().await.is_err() {
+                // The job handle is gone: nobody can resume; stop cleanly.
+                return Ok(Next::Cancel);
+            }
+        }
+    }
+
+    /// Waits for every copy in flight.
+    async fn drain(
+        &mut self,
+        tasks: &mut JoinSet<CopyResult>,
+        failures: &mut Failures,
+    ) -> Result<(), StreamError> {
+        while let Some(r) = tasks.join_next().await {
+            self.reap(r, failures)?;
+        }
+        self.shared.update(|s| s.info.in_flight = 0);
+        Ok(())
+    }
+
+    fn reap(
+        &self,
+        joined: Result<CopyResult, tokio::task::JoinError>,
+        failures: &mut Failures,
+    ) -> Result<(), StreamError> {
+        let (offset, _len, r) =
+            joined.map_err(|e| image::Error::Internal(format!("copy task failed: {e}")))?;
+        match r {
+            Ok(out) => {
+                self.shared.add_done(out);
+                Ok(())
+            }
+            Err(e) => match self.opts.on_error {
+                OnError::Report => Err(e.into()),
+                OnError::Stop | OnError::Ignore => {
+                    failures.add(offset, &e);
+                    if self.opts.on_error == OnError::Ignore {
+                        self.shared.update(|s| s.info.errors_ignored += 1);
+                    }
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    /// Sleeps `d` for the rate limit, waking early on a control change.
+    async fn throttle_sleep(&mut self, d: Duration) {
+        if d.is_zero() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = self.ctl.changed() => {}
+        }
+    }
+
+    async fn stream(&mut self) -> Result<Outcome, StreamError> {
+        let image = Arc::clone(&self.image);
+        let size = image.size();
+        let g = image.info().granularity.max(1);
+        let chunk = self.opts.chunk_size.max(1).next_multiple_of(g);
+        let base_depth = self.opts.base.depth;
+        let max_in_flight = self.opts.max_in_flight.max(1);
+        let remote = remote_data_bytes(&image, base_depth).await?;
+        self.shared.update(|s| s.info.remote = remote);
+        let mut bucket = TokenBucket::new(self.ctl.borrow().speed, Instant::now());
+        let mut tasks: JoinSet<CopyResult> = JoinSet::new();
+        let mut failures = Failures::default();
+        let mut pass = 0;
+        let mut pos = 0u64;
+        loop {
+            let mut next_free = pos - pos % g;
+            while pos < size {
+                if let Next::Cancel = self.checkpoint(&mut tasks, &mut failures).await? {
+                    return Ok(Outcome::Cancelled);
+                }
+                let window = (size - pos).min(SCAN_WINDOW);
+                let extents = block_status_all(&*image, pos, window).await?;
+                for e in &extents {
+                    let Some(kind) = wants(e, base_depth) else {
+                        self.shared.update(|s| s.skipped += e.length);
+                        continue;
+                    };
+                    let mut s = (e.offset - e.offset % g).max(next_free);
+                    let end = e.end().next_multiple_of(g).min(size);
+                    while s < end {
+                        let n = chunk.min(end - s);
+                        while tasks.len() >= max_in_flight {
+                            let r = tasks.join_next().await.expect("tasks is not empty");
+                            self.reap(r, &mut failures)?;
+                        }
+                        if let Next::Cancel = self.checkpoint(&mut tasks, &mut failures).await? {
+                            return Ok(Outcome::Cancelled);
+                        }
+                        if kind == ExtentKind::Data {
+                            let speed = self.ctl.borrow().speed;
+                            if speed != bucket.rate() {
+                                bucket.set_rate(speed, Instant::now());
+                            }
+                            let d = bucket.charge(n, Instant::now());
+                            self.throttle_sleep(d).await;
+                        }
+                        let img = Arc::clone(&image);
+                        tasks.spawn(async move { (s, n, img.populate(s, n, base_depth).await) });
+                        s += n;
+                        next_free = s;
+                        let in_flight = tasks.len();
+                        self.shared.update(|st| {
+                            st.info.offset = s;
+                            st.info.in_flight = in_flight;
+                        });
+                    }
+                }
+                pos += window;
+                self.shared.update(|st| st.info.offset = pos);
+            }
+            self.drain(&mut tasks, &mut failures).await?;
+            if let Some(first) = failures.take_stopped(self.opts.on_error) {
+                // on-error=stop: pause, then retry from the first failed range.
+                self.shared
+                    .update(|st| st.info.error = Some(first.message.clone()));
+                self.shared.control.send_modify(|c| c.paused = true);
+                if let Next::Cancel = self.checkpoint(&mut tasks, &mut failures).await? {
+                    return Ok(Outcome::Cancelled);
+                }
+                self.shared.update(|st| st.info.error = None);
+                pos = first.offset;
+                continue;
+            }
+            if let Some(f) = failures.ignored() {
+                return Err(f);
+            }
+            image.flush().await?;
+            if remaining_bytes(&image, base_depth).await? == 0 {
+                complete(&image, &self.opts.base).await?;
+                return Ok(Outcome::Completed);
+            }
+            pass += 1;
+            if pass >= MAX_PASSES {
+                return Err(image::Error::Internal(format!(
+                    "{}: data above the base is still remote after {MAX_PASSES} passes",
+                    image.info().name
+                ))
+                .into());
+            }
+            pos = 0;
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Failure {
+    offset: u64,
+    message: String,
+}
+
+#[derive(Debug, Default)]
+struct Failures {
+    count: u64,
+    first: Option<Failure>,
+}
+
+impl Failures {
+    fn add(&mut self, offset: u64, e: &image::Error) {
+        self.count += 1;
+        if self.first.as_ref().is_none_or(|f| offset < f.offset) {
+            self.first = Some(Failure {
+                offset,
+                message: e.to_string(),
+            });
+        }
+    }
+
+    fn take_stopped(&mut self, policy: OnError) -> Option<Failure> {
+        if policy != OnError::Stop {
+            return None;
+        }
+        self.count = 0;
+        self.first.take()
+    }
+
+    fn ignored(&self) -> Option<StreamError> {
+        let f = self.first.as_ref()?;
+        Some(StreamError::Incomplete {
+            count: self.count,
+            first: f.offset,
+            message: f.message.clone(),
+        })
+    }
+}
+
+/// What one [`step`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct StepOutcome {
+    /// Where the next step starts; the virtual size when nothing is left at
+    /// or after it.
+    pub next_offset: u64,
+    pub copied: u64,
+    pub zeroed: u64,
+    /// The whole device is local above the base and the link was rewritten.
+    pub completed: bool,
+}
+
+/// One-unit mode: copies the next unit (`opts.chunk_size`) at or after
+/// `offset` that needs copying and returns the offset after it. At the end of
+/// the device, if nothing above the base is remote anywhere, the backing link
+/// is rewritten and the outcome says `completed`.
+pub async fn step(
+    image: &Arc<Image>,
+    offset: u64,
+    opts: &StreamOptions,
+) -> Result<StepOutcome, StreamError> {
+    let size = image.size();
+    if offset > size {
+        return Err(image::Error::OutOfRange {
+            offset,
+            len: 0,
+            size,
+        }
+        .into());
+    }
+    let g = image.info().granularity.max(1);
+    let chunk = opts.chunk_size.max(1).next_multiple_of(g);
+    let base_depth = opts.base.depth;
+    let mut pos = offset;
+    while pos < size {
+        let n = (size - pos).min(SCAN_WINDOW);
+        for e in block_status_all(&**image, pos, n).await? {
+            if wants(&e, base_depth).is_none() {
+                continue;
+            }
+            let start = e.offset.max(offset);
+            let start = start - start % g;
+            // Never return an offset at or below the one given.
+            let end = (start + chunk).min(size).max(offset + 1).min(size);
+            let out = image.populate(start, end - start, base_depth).await?;
+            return Ok(StepOutcome {
+                next_offset: end,
+                copied: out.copied,
+                zeroed: out.zeroed,
+                completed: false,
+            });
+        }
+        pos += n;
+    }
+    image.flush().await?;
+    let completed = remaining_bytes(image, base_depth).await? == 0;
+    if completed {
+        complete(image, &opts.base).await?;
+    }
+    Ok(StepOutcome {
+        next_offset: size,
+        copied: 0,
+        zeroed: 0,
+        completed,
+    })
+}
