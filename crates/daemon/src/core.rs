@@ -323,11 +323,19 @@ impl Core {
             }
             "block-job-cancel" | "job-cancel" => {
                 let id = self.job_id_arg(name, &mut args)?;
-                if name == "block-job-cancel" {
-                    // `force` matters for mirror jobs only.
-                    args.opt_bool("force")?;
-                }
+                let force = if name == "block-job-cancel" {
+                    args.opt_bool("force")?.unwrap_or(false)
+                } else {
+                    true
+                };
                 args.finish()?;
+                if !force && self.find_job(name, &id)?.user_paused {
+                    // QEMU's qmp_block_job_cancel refuses a paused job
+                    // unless forced; job-cancel does not.
+                    return Err(QmpError::generic(format!(
+                        "The block job for device '{id}' is currently paused"
+                    )));
+                }
                 self.cancel(name, &id)?
             }
             "block-job-complete" | "job-complete" => {
@@ -412,9 +420,9 @@ impl Core {
         let driver = args
             .opt_enum("driver", &["file", "qcow2", "raw"])?
             .ok_or_else(|| QmpError::generic("Parameter 'driver' is missing"))?;
-        let node_name = args.opt_str("node-name")?.ok_or_else(|| {
-            QmpError::generic("A block device must be given a name with 'node-name'")
-        })?;
+        let node_name = args
+            .opt_str("node-name")?
+            .ok_or_else(|| QmpError::generic("'node-name' must be specified for the root node"))?;
         let read_only = args.opt_bool("read-only")?.unwrap_or(false);
         let direct = Self::cache_arg(&mut args)?;
         if driver == "file" {
@@ -562,14 +570,13 @@ impl Core {
 
     /// Why `name` cannot go away, if it cannot.
     fn node_busy(&self, name: &str) -> Option<String> {
-        if let Some(j) = self
+        if self
             .jobs
             .iter()
-            .find(|j| j.node == name && j.status != JobStatus::Null)
+            .any(|j| j.node == name && j.status != JobStatus::Null)
         {
             return Some(format!(
-                "Node '{name}' is busy: block device is in use by block job {}: stream",
-                j.id
+                "Node '{name}' is busy: block device is in use by block job: stream"
             ));
         }
         for n in &self.nodes {
@@ -725,7 +732,7 @@ impl Core {
         let base = args.opt_str("base")?;
         let base_node = args.opt_str("base-node")?;
         let backing_file = args.opt_str("backing-file")?;
-        let speed = args.opt_i64("speed")?.unwrap_or(0);
+        let speed = args.opt_u64("speed")?.unwrap_or(0);
         let on_error = args
             .opt_enum("on-error", OnErrorPolicy::NAMES)?
             .map_or(OnErrorPolicy::Report, |s| {
@@ -751,13 +758,9 @@ impl Core {
         if self.job_index(&id).is_some() {
             return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
         }
-        if speed < 0 {
-            return Err(QmpError::generic("Invalid parameter 'speed'"));
-        }
-        if let Some(j) = self.jobs.iter().find(|j| j.node == device && !j.ended) {
+        if self.jobs.iter().any(|j| j.node == device && !j.ended) {
             return Err(QmpError::generic(format!(
-                "Node '{device}' is busy: block device is in use by block job: {}",
-                j.id
+                "Node '{device}' is busy: block device is in use by block job: stream"
             )));
         }
         if node.read_only {
@@ -780,7 +783,7 @@ impl Core {
         let opts = StreamOptions {
             device: id.clone(),
             base,
-            speed: speed as u64,
+            speed,
             on_error: on_error.engine(),
             max_in_flight: in_flight.map_or(defaults.max_in_flight, |n| n.max(1) as usize),
             chunk_size: chunk.unwrap_or(defaults.chunk_size),
@@ -841,7 +844,7 @@ impl Core {
                     e.kind(),
                     image::ErrorKind::InvalidInput | image::ErrorKind::NotFound
                 ) {
-                    QmpError::generic(format!("Base '{}' not found", p.display()))
+                    QmpError::generic(format!("Can't find '{}' in the backing chain", p.display()))
                 } else {
                     e.into()
                 }
@@ -1036,10 +1039,9 @@ impl Core {
                 "Block node '{device}' is read-only"
             )));
         }
-        if let Some(j) = self.jobs.iter().find(|j| j.node == device && !j.ended) {
+        if self.jobs.iter().any(|j| j.node == device && !j.ended) {
             return Err(QmpError::generic(format!(
-                "Node '{device}' is busy: block device is in use by block job: {}",
-                j.id
+                "Node '{device}' is busy: block device is in use by block job: stream"
             )));
         }
         let base = self.resolve_base(&device, image, base.as_deref(), base_node.as_deref())?;

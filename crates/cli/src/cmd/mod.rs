@@ -1,5 +1,10 @@
 //! One module per command.
 
+pub mod daemon;
+pub mod job;
+pub mod pull;
+pub mod pull_step;
+pub mod qmp;
 pub mod stream;
 
 /// Parses a size or offset: bytes, or a number with a K/M/G/T/P/E suffix
