@@ -69,6 +69,12 @@ pub enum Msg {
         arguments: Map<String, Value>,
         reply: Reply,
     },
+    /// Add a format node for an image opened elsewhere.
+    AddImage {
+        name: String,
+        image: Arc<Image>,
+        reply: Reply,
+    },
     /// Stop every job so the image stays resumable, close every node.
     Shutdown { reply: oneshot::Sender<()> },
 }
@@ -115,6 +121,24 @@ impl Handle {
     pub async fn quit_requested(&self) {
         let mut q = self.quit.clone();
         let _ = q.wait_for(|&v| v).await;
+    }
+
+    /// Adds `image`, opened by the caller, as a writable format node named
+    /// `name`: how an embedder hands the daemon a device `blockdev-add`
+    /// cannot open (a test double; later a remote device).
+    pub async fn add_image_node(&self, name: &str, image: Arc<Image>) -> Result<(), QmpError> {
+        let (reply, rx) = oneshot::channel();
+        let msg = Msg::AddImage {
+            name: name.to_string(),
+            image,
+            reply,
+        };
+        if self.tx.send(msg).await.is_err() {
+            return Err(QmpError::generic("the daemon is shutting down"));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(QmpError::generic("the daemon is shutting down")))
+            .map(|_| ())
     }
 
     /// Cancels jobs (the images stay resumable), closes every node, and
@@ -221,6 +245,23 @@ impl Core {
                 msg = self.rx.recv() => match msg {
                     Some(Msg::Execute { name, arguments, reply }) => {
                         self.execute(&name, arguments, reply).await;
+                    }
+                    Some(Msg::AddImage { name, image, reply }) => {
+                        let r = self.check_new_node_name(&name).map(|()| {
+                            self.nodes.push(Node {
+                                name,
+                                read_only: image.info().read_only,
+                                direct: false,
+                                kind: NodeKind::Image {
+                                    driver: image.format().format_name(),
+                                    image,
+                                    file_node: None,
+                                    backing_node: None,
+                                },
+                            });
+                            json!({})
+                        });
+                        let _ = reply.send(r);
                     }
                     Some(Msg::Shutdown { reply }) => {
                         self.shutdown().await;
