@@ -31,6 +31,8 @@ enum Command {
     Job(cmd::job::JobArgs),
     /// Send one raw QMP command to a daemon and print the reply.
     Qmp(cmd::qmp::QmpArgs),
+    /// Export an image over NBD (like qemu-nbd).
+    Serve(cmd::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
             Command::PullStep(a) => cmd::pull_step::run(a).await,
             Command::Job(a) => cmd::job::run(a).await,
             Command::Qmp(a) => cmd::qmp::run(a).await,
+            Command::Serve(a) => cmd::serve::run(a).await,
         }
     });
     match r {

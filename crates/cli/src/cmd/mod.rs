@@ -5,6 +5,7 @@ pub mod job;
 pub mod pull;
 pub mod pull_step;
 pub mod qmp;
+pub mod serve;
 pub mod stream;
 
 /// Parses a size or offset: bytes, or a number with a K/M/G/T/P/E suffix
