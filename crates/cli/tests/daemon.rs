@@ -390,3 +390,93 @@ fn sigterm_with_a_running_stream_leaves_a_consistent_resumable_image() {
     d.terminate();
     assert_streamed(&base, &top);
 }
+
+/// A node exported over NBD while the daemon runs: qemu-img reads it,
+/// qemu-io writes through it, and the write is in the file afterwards.
+#[test]
+fn nbd_export_of_a_node_serves_qemu_img_and_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let raw_s = raw.to_str().unwrap();
+    run("qemu-img", &["create", "-q", "-f", "raw", raw_s, "8M"]);
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x3c 1M 2M", raw_s],
+    );
+    let nbd_sock = dir.path().join("nbd.sock");
+    let d = Daemon::start(dir.path());
+    let out = run_py(
+        "exports.py",
+        &[d.sock(), raw_s, "add", nbd_sock.to_str().unwrap()],
+    );
+    assert_eq!(out.trim(), "ok");
+    let uri = format!("nbd+unix:///d0?socket={}", nbd_sock.display());
+    // The daemon holds the image's write lock, as QEMU would: read it with -U.
+    run(
+        "qemu-img",
+        &["compare", "-U", "-f", "raw", "-F", "raw", raw_s, &uri],
+    );
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 64k", &uri]);
+    let out = run_py("exports.py", &[d.sock(), raw_s, "del"]);
+    assert_eq!(out.trim(), "ok");
+    assert!(!nbd_sock.exists(), "NBD socket left after nbd-server-stop");
+    d.terminate();
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x5a 0 64k",
+            "-c",
+            "read -P 0x3c 1M 2M",
+            raw_s,
+        ],
+    );
+}
+
+/// `--nbd unix:PATH` starts the NBD server with the daemon.
+#[test]
+fn daemon_nbd_flag_starts_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let nbd_sock = dir.path().join("nbd.sock");
+    let mut child = Command::new(BIN)
+        .args(["daemon", "--qmp"])
+        .arg(&sock)
+        .arg("--nbd")
+        .arg(format!("unix:{}", nbd_sock.display()))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&mut child, &sock);
+    wait_for_socket(&mut child, &nbd_sock);
+    let out = ds(&[
+        "qmp",
+        "--qmp",
+        sock.to_str().unwrap(),
+        r#"{"execute": "nbd-server-stop"}"#,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ds(&[
+        "qmp",
+        "--qmp",
+        sock.to_str().unwrap(),
+        r#"{"execute": "quit"}"#,
+    ]);
+    assert!(out.status.success());
+    let end = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < end, "daemon did not exit after quit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(st.success());
+    assert!(!sock.exists());
+}

@@ -18,6 +18,7 @@ use serde_json::{Map, Value, json};
 use stream::{Base, Outcome, StreamJob, StreamOptions};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use crate::export::{Exports, NbdAddr, NewExport};
 use crate::job::state::{apply_verb, can_transition};
 use crate::job::stream_job::{BlockJob, EngineEvent, OnErrorPolicy};
 use crate::job::{JobStatus, JobVerb};
@@ -55,6 +56,11 @@ pub const COMMANDS: &[&str] = &[
     "job-complete",
     "job-finalize",
     "job-dismiss",
+    "nbd-server-start",
+    "nbd-server-stop",
+    "block-export-add",
+    "block-export-del",
+    "query-block-exports",
     "__com.diskstream_block-stream-step",
 ];
 
@@ -195,6 +201,7 @@ pub struct Core {
     nodes: Vec<Node>,
     /// In creation order; a job leaves the list when it reaches `null`.
     jobs: Vec<BlockJob>,
+    exports: Exports,
     package: String,
 }
 
@@ -212,6 +219,7 @@ pub fn new(package: &str) -> (Core, Handle) {
         engine_rx,
         nodes: Vec::new(),
         jobs: Vec::new(),
+        exports: Exports::default(),
         package: package.to_string(),
     };
     let handle = Handle {
@@ -404,6 +412,44 @@ impl Core {
                 apply_verb(&id, JobVerb::Dismiss, job.status)?;
                 self.dismiss(&id);
                 json!({})
+            }
+            "nbd-server-start" => {
+                let addr = args
+                    .opt_object("addr")?
+                    .ok_or_else(|| QmpError::generic("Parameter 'addr' is missing"))?;
+                if args.opt_str("tls-creds")?.is_some() || args.opt_str("tls-authz")?.is_some() {
+                    return Err(QmpError::generic("TLS is not supported by this NBD server"));
+                }
+                args.finish()?;
+                let addr = NbdAddr::from_args(addr)?;
+                self.exports.start(&addr).await?;
+                json!({})
+            }
+            "nbd-server-stop" => {
+                args.finish()?;
+                for id in self.exports.stop().await? {
+                    self.emit("BLOCK_EXPORT_DELETED", json!({"id": id}));
+                }
+                json!({})
+            }
+            "block-export-add" => self.block_export_add(args)?,
+            "block-export-del" => {
+                let id = args.str("id")?;
+                let mode = args.opt_enum("mode", &["safe", "hard"])?;
+                args.finish()?;
+                if mode.as_deref() == Some("hard") {
+                    return Err(QmpError::generic(
+                        "block-export-del mode 'hard' is not supported: connected clients \
+                         keep the export until they disconnect",
+                    ));
+                }
+                self.exports.del(&id)?;
+                self.emit("BLOCK_EXPORT_DELETED", json!({"id": id}));
+                json!({})
+            }
+            "query-block-exports" => {
+                args.finish()?;
+                self.exports.query()
             }
             other => {
                 return Err(QmpError::new(
@@ -609,8 +655,48 @@ impl Core {
         Ok(json!({}))
     }
 
+    fn block_export_add(&mut self, mut args: Args) -> Result<Value, QmpError> {
+        args.opt_enum("type", &["nbd"])?
+            .ok_or_else(|| QmpError::generic("Parameter 'type' is missing"))?;
+        let id = args.str("id")?;
+        let node = args.str("node-name")?;
+        let name = args.opt_str("name")?;
+        let description = args.opt_str("description")?;
+        let writable = args.opt_bool("writable")?.unwrap_or(false);
+        // Every write is made durable by the client's flush either way.
+        args.opt_bool("writethrough")?;
+        // qemu:allocation-depth is always offered.
+        args.opt_bool("allocation-depth")?;
+        args.finish()?;
+        if !id_wellformed(&id) {
+            return Err(QmpError::generic(format!("Invalid block export id '{id}'")));
+        }
+        let (n, image) = self.image_node(&node).ok_or_else(|| {
+            QmpError::generic(format!(
+                "Cannot find device='{node}' nor node-name='{node}'"
+            ))
+        })?;
+        let read_only = n.read_only;
+        let device: Arc<dyn BlockDevice> = Arc::clone(image) as Arc<dyn BlockDevice>;
+        self.exports.add(NewExport {
+            id,
+            node,
+            name,
+            description,
+            writable,
+            device,
+            node_read_only: read_only,
+        })?;
+        Ok(json!({}))
+    }
+
     /// Why `name` cannot go away, if it cannot.
     fn node_busy(&self, name: &str) -> Option<String> {
+        if self.exports.uses_node(name) {
+            return Some(format!(
+                "Node '{name}' is busy: block device is in use by block export"
+            ));
+        }
         if self
             .jobs
             .iter()
@@ -1089,10 +1175,16 @@ impl Core {
         Ok((Arc::clone(image), offset, base))
     }
 
-    /// Cancels every job and waits for the engines (copies in flight finish,
+    /// Stops the NBD server (in-flight requests finish, exports are
+    /// flushed), then cancels every job and waits for the engines (copies in flight finish,
     /// the image is flushed and keeps its backing link), then closes every
     /// node, top images first.
     async fn shutdown(&mut self) {
+        if self.exports.server_running()
+            && let Err(e) = self.exports.stop().await
+        {
+            eprintln!("diskstream daemon: stopping the NBD server: {e}");
+        }
         for j in &self.jobs {
             if !j.ended {
                 j.engine.cancel();

@@ -7,12 +7,11 @@
 //! requests carrying a reply channel and get events from a broadcast. The
 //! stream engine (crate `stream`) does the copying; this crate only drives
 //! it and reports it the way QEMU reports a `block-stream` job.
-//!
-//! NBD exports (`nbd-server-start`, `block-export-add`) are not here yet:
-//! they plug into the core as a third owned table once the `nbd` crate has a
-//! server.
+//! NBD exports ([`export`]) are the core's third owned table, served by the
+//! `nbd` crate's server.
 
 pub mod core;
+pub mod export;
 pub mod job;
 pub mod qmp;
 pub mod server;

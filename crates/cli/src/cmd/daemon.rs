@@ -1,8 +1,9 @@
 //! `diskstream daemon`: the QMP control socket and the core that owns block
-//! nodes and jobs, until SIGTERM, SIGINT or the QMP `quit` command.
+//! nodes, jobs and NBD exports, until SIGTERM, SIGINT or the QMP `quit` command.
 //!
 //! Shutdown order matters for the images: stop accepting and close the
-//! connections first (so nothing starts a new job), then cancel every job
+//! connections first (so nothing starts a new job), stop the NBD server
+//! (in-flight requests finish), then cancel every job
 //! (copies in flight finish, the image is flushed and keeps its backing
 //! link, so a later stream resumes where this one stopped), then close
 //! every image, then remove the socket and the pid file.
@@ -14,6 +15,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use daemon::export::NbdAddr;
+use serde_json::json;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -22,6 +25,11 @@ pub struct DaemonArgs {
     /// Unix socket to serve QMP on (created; removed on exit).
     #[arg(long, value_name = "PATH")]
     qmp: PathBuf,
+    /// Start the NBD server at once, on unix:PATH or HOST:PORT (exports are
+    /// then added with QMP block-export-add), like qemu-storage-daemon's
+    /// --nbd-server.
+    #[arg(long, value_name = "unix:PATH|HOST:PORT", value_parser = daemon::export::NbdAddr::parse)]
+    nbd: Option<daemon::export::NbdAddr>,
     /// Write the daemon's process id to this file (removed on exit).
     #[arg(long, value_name = "FILE")]
     pidfile: Option<PathBuf>,
@@ -66,6 +74,28 @@ pub async fn run(args: DaemonArgs) -> Result<ExitCode> {
     }
     let (core, handle) = daemon::core::new(&daemon::package());
     let core_task = tokio::spawn(core.run());
+    if let Some(addr) = &args.nbd {
+        let a = match addr {
+            NbdAddr::Unix(p) => json!({"type": "unix", "data": {"path": p}}),
+            NbdAddr::Inet { host, port } => {
+                json!({"type": "inet", "data": {"host": host, "port": port}})
+            }
+        };
+        let r = handle
+            .execute(
+                "nbd-server-start",
+                json!({"addr": a}).as_object().cloned().unwrap_or_default(),
+            )
+            .await;
+        if let Err(e) = r {
+            handle.shutdown().await;
+            let _ = std::fs::remove_file(&args.qmp);
+            if let Some(p) = &args.pidfile {
+                let _ = std::fs::remove_file(p);
+            }
+            bail!("--nbd: {}", e.desc);
+        }
+    }
     let quit = handle.clone();
     let shutdown = async move {
         tokio::select! {
