@@ -614,9 +614,15 @@ impl Core {
             },
             _ => None,
         };
+        let cor = args.opt_bool(&format!("{EXT_PREFIX}copy-on-read"))?;
         args.finish()?;
         self.check_new_node_name(&node_name)?;
         let read_only = read_only || file_ro;
+        if cor == Some(true) && read_only {
+            return Err(QmpError::generic(format!(
+                "{EXT_PREFIX}copy-on-read needs a writable node; '{node_name}' is read-only"
+            )));
+        }
         let direct = direct.unwrap_or(file_direct);
         let opts = OpenOptions {
             writable: !read_only,
@@ -627,11 +633,16 @@ impl Core {
             },
             format: Some(driver.to_string()),
             backing,
+            // Backings named nbd://, nbd+unix:// (post-copy migration).
+            opener: Some(Arc::new(nbd::client::NbdOpener::default())),
             ..OpenOptions::default()
         };
         let image = image::open(&path, &opts)
             .await
             .map_err(|e| QmpError::generic(format!("Could not open '{}': {e}", path.display())))?;
+        if cor == Some(true) {
+            image.set_copy_on_read(true, None);
+        }
         if let Some((n, p, ro, d)) = new_file_node {
             file_node = Some(n.clone());
             self.nodes.push(Node {
@@ -915,6 +926,10 @@ impl Core {
             max_in_flight: in_flight.map_or(defaults.max_in_flight, |n| n.max(1) as usize),
             chunk_size: chunk.unwrap_or(defaults.chunk_size),
         };
+        // Guest reads through an export copy what they fetch, as QEMU's
+        // implicit copy-on-read filter does while a stream runs.
+        let cor_before = image.copy_on_read();
+        image.set_copy_on_read(true, opts.base.depth);
         let engine = Arc::new(StreamJob::start(Arc::clone(image), opts));
         let job = BlockJob {
             id: id.clone(),
@@ -927,6 +942,7 @@ impl Core {
             io_status: "ok",
             error: None,
             ended: false,
+            cor_before,
             engine,
         };
         // A finished job of the same node that was never dismissed stays
@@ -1051,6 +1067,10 @@ impl Core {
             EngineEvent::State(_) => {}
             EngineEvent::Ended(r) => {
                 self.jobs[idx].ended = true;
+                let (node, cor) = (self.jobs[idx].node.clone(), self.jobs[idx].cor_before);
+                if let Some((_, image)) = self.image_node(&node) {
+                    image.set_copy_on_read(cor, None);
+                }
                 if self.jobs[idx].status == JobStatus::Paused {
                     // QEMU resumes a paused job to let it see the cancel.
                     self.transition(idx, JobStatus::Running);

@@ -381,6 +381,9 @@ async fn pause_resume_set_speed_cancel_then_stream_to_completion() {
         .unwrap_err();
     assert!(e.desc.contains("is busy"), "{}", e.desc);
 
+    assert!(s.image.copy_on_read(), "a stream job turns copy-on-read on");
+    let nodes = exec(&h, "query-named-block-nodes", json!({})).await;
+    assert_eq!(nodes[0]["__com.diskstream_copy-on-read"], true, "{nodes}");
     exec(&h, "block-job-resume", json!({"device": "job0"})).await;
     until(
         &mut s.events,
@@ -432,6 +435,13 @@ async fn pause_resume_set_speed_cancel_then_stream_to_completion() {
     .map(String::from)
     .to_vec();
     assert_eq!(seen, want);
+    assert!(
+        !s.image.copy_on_read(),
+        "copy-on-read left on after the job"
+    );
+    let nodes = exec(&h, "query-named-block-nodes", json!({})).await;
+    assert_eq!(nodes[0]["__com.diskstream_remote-bytes"], 0, "{nodes}");
+    assert_eq!(nodes[0]["__com.diskstream_local-bytes"], SIZE, "{nodes}");
     assert_streamed(&s).await;
     s.handle.shutdown().await;
     s.core.await.unwrap();

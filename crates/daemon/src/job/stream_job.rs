@@ -85,6 +85,9 @@ pub struct BlockJob {
     pub error: Option<String>,
     /// Set once the engine has ended: it will not change the image again.
     pub ended: bool,
+    /// The node's copy-on-read setting before the job turned it on (QEMU
+    /// inserts a copy-on-read filter for a stream job, and removes it after).
+    pub cor_before: bool,
     pub engine: Arc<StreamJob>,
 }
 
