@@ -1,5 +1,5 @@
 //! The QMP server: accepts connections on a Unix socket and runs one
-//! [`Connection`] task per client, mini-redis style: `run(listener,
+//! `Connection` task per client, mini-redis style: `run(listener,
 //! shutdown)`, a broadcast that tells every connection to stop, and a wait
 //! until every connection task has finished. A semaphore caps connections.
 //!
