@@ -1050,6 +1050,12 @@ impl Core {
                     return;
                 }
                 if !self.jobs[idx].user_paused {
+                    if self.jobs[idx].engine.info().error.is_none() {
+                        // A pause the user already took back (pause and
+                        // resume before the engine got there): it is
+                        // running again, or about to say so.
+                        return;
+                    }
                     // The engine paused itself: on-error=stop after a failed copy.
                     let job = &mut self.jobs[idx];
                     job.user_paused = true;

@@ -583,3 +583,45 @@ async fn shutdown_cancels_a_running_job_and_leaves_it_resumable() {
         }
     }
 }
+
+/// The engine may report a pause the user has already taken back; the core
+/// must not read it as an on-error=stop. (The interleaving is timing
+/// dependent: this guards the outcome, it does not force the race.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_pause_resume_is_never_mistaken_for_an_error_stop() {
+    let mut s = setup().await;
+    let h = s.handle.clone();
+    let mut seen = Vec::new();
+    exec(
+        &h,
+        "block-stream",
+        json!({"device": "top", "speed": 512 << 10, "__com.diskstream_chunk-size": UNIT}),
+    )
+    .await;
+    until(
+        &mut s.events,
+        &mut seen,
+        "JOB_STATUS_CHANGE",
+        Some("running"),
+    )
+    .await;
+    // Bounded: a fixed number of rounds.
+    for _ in 0..20 {
+        exec(&h, "block-job-pause", json!({"device": "top"})).await;
+        exec(&h, "block-job-resume", json!({"device": "top"})).await;
+    }
+    exec(
+        &h,
+        "block-job-set-speed",
+        json!({"device": "top", "speed": 0}),
+    )
+    .await;
+    until(&mut s.events, &mut seen, "JOB_STATUS_CHANGE", Some("null")).await;
+    assert!(!seen.iter().any(|e| e == "BLOCK_JOB_ERROR"), "{seen:?}");
+    assert!(
+        seen.contains(&"BLOCK_JOB_COMPLETED".to_string()),
+        "{seen:?}"
+    );
+    assert_streamed(&s).await;
+    s.handle.shutdown().await;
+}
