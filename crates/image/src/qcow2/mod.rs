@@ -1,98 +1,1120 @@
-//! qcow2 (QEMU copy-on-write v2/v3). Placeholder API: the engine is being written.
+//! qcow2 (QEMU copy-on-write, versions 2 and 3): the engine.
+//!
+//! All metadata (header copy, L1 table, refcount table, cached L2 tables and
+//! refcount blocks, queued frees) lives in one [`Meta`] behind one mutex.
+//! Requests take it only to look up or change metadata, and do data I/O
+//! without it, so reads of allocated clusters and writes to disjoint ranges
+//! run in parallel. Metadata is written back lazily, in the order that keeps
+//! the image crash consistent (DESIGN.md invariant 2), by
+//! [`Meta::flush_meta`]: dirty refcount blocks, sync, refcount table, sync
+//! (which also makes the data of new clusters durable), dirty L2 tables,
+//! sync, L1 table, sync. Clusters freed by a request are only queued, and
+//! their refcounts drop after the L2 change that released them is durable,
+//! so a cluster is never reused while an on-disk L2 entry still points at it.
 
-use std::sync::Arc;
+mod cache;
+mod check;
+pub mod entry;
+pub mod header;
+mod refcount;
 
-use crate::format::BackingSpec;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::format::{BackingSpec, CheckReport, CowFill, Format, MappedRange, Mapping, Repair};
 use crate::storage::Storage;
 use crate::{Error, Result};
 
-/// "QFI\xfb"
-pub const MAGIC: [u8; 4] = *b"QFI\xfb";
+use cache::TableCache;
+use entry::{COPIED, L2Entry, get_be64, l1_table, put_be64};
+use header::Header;
+
+pub use header::MAGIC;
+
+/// Default bytes of L2 tables kept in memory: enough to map 32 GiB with 64 KiB
+/// clusters (qemu's default l2-cache-size covers 8 GiB).
+pub const DEFAULT_CACHE_BYTES: u64 = 4 << 20;
+/// Default cluster size for new images, as qemu-img.
+pub const DEFAULT_CLUSTER_SIZE: u64 = 64 << 10;
 
 #[derive(Clone, Debug, Default)]
 pub struct Qcow2Options {
     pub writable: bool,
+    /// Bytes of L2 tables to cache (refcount blocks get a quarter of it).
     pub cache_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct CreateOptions {
     pub size: u64,
+    /// 512 B to 2 MiB, a power of two; `None` for 64 KiB.
     pub cluster_size: Option<u64>,
     pub backing: Option<BackingSpec>,
 }
 
+/// The metadata of an open image; see the module comment for the locking
+/// and write ordering rules.
 #[derive(Debug)]
-pub enum Qcow2 {}
+pub(crate) struct Meta {
+    st: Arc<dyn Storage>,
+    path: PathBuf,
+    writable: bool,
+    cluster_bits: u32,
+    h: Header,
+    l1: Vec<u64>,
+    /// Indices of L1 clusters changed in memory only.
+    l1_dirty: BTreeSet<usize>,
+    reftable: Vec<u64>,
+    /// Indices of refcount table clusters changed in memory only.
+    reftable_dirty: BTreeSet<usize>,
+    l2: TableCache,
+    rb: TableCache,
+    /// No cluster below this index is free.
+    free_hint: u64,
+    /// Host clusters `(offset, count)` whose references were dropped from L2
+    /// tables that are not durable yet.
+    pending_frees: Vec<(u64, u64)>,
+}
+
+/// An open qcow2 image.
+#[derive(Debug)]
+pub struct Qcow2 {
+    storage: Arc<dyn Storage>,
+    path: PathBuf,
+    writable: bool,
+    cluster_bits: u32,
+    size: u64,
+    version: u32,
+    meta: Mutex<Meta>,
+    closed: AtomicBool,
+}
+
+/// What a write does with one guest cluster.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    /// Allocated, refcount one: write in place.
+    InPlace,
+    /// Needs a whole new cluster whose untouched bytes come from the entry
+    /// it replaces.
+    Replace(L2Entry),
+    /// A zero cluster that keeps its own host cluster: rewritten whole.
+    ReuseZero,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    cluster: u64,
+    host: u64,
+    source: Source,
+}
+
+impl Meta {
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    fn io(&self, op: &'static str, e: std::io::Error) -> Error {
+        Error::io(&self.path, op, e)
+    }
+
+    fn corrupt(&self, message: String) -> Error {
+        Error::Corrupt {
+            path: self.path.clone(),
+            message,
+        }
+    }
+
+    fn write(&self, buf: &[u8], off: u64, op: &'static str) -> Result<()> {
+        self.st.write_at(buf, off).map_err(|e| self.io(op, e))
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.st.flush().map_err(|e| self.io("flush", e))
+    }
+
+    fn read_table(&self, off: u64) -> Result<Box<[u8]>> {
+        let mut data = vec![0u8; self.cluster_size() as usize].into_boxed_slice();
+        self.st
+            .read_at(&mut data, off)
+            .map_err(|e| self.io("read metadata table", e))?;
+        Ok(data)
+    }
+
+    /// Writes `h` as the header (one write, then a sync) and keeps it.
+    fn write_header(&mut self, h: &Header) -> Result<()> {
+        let mut buf = h.encode(&self.path)?;
+        // Clear the rest of the area a header may use, in the same write.
+        let area = self.cluster_size().min(header::MAX_HEADER_WRITE) as usize;
+        buf.resize(area, 0);
+        self.write(&buf, 0, "write header")?;
+        self.sync()?;
+        self.h = h.clone();
+        Ok(())
+    }
+
+    fn l2_per_table_bits(&self) -> u32 {
+        self.cluster_bits - 3
+    }
+
+    /// The L2 table of L1 index `i`, loaded into the cache.
+    fn l2_table(&mut self, i: usize) -> Result<Option<u64>> {
+        let Some(&raw) = self.l1.get(i) else {
+            return Ok(None);
+        };
+        let Some(off) = l1_table(raw) else {
+            return Ok(None);
+        };
+        if off % self.cluster_size() != 0 {
+            return Err(self.corrupt(format!(
+                "L1 entry {i} points at L2 table offset {off:#x}, not cluster aligned"
+            )));
+        }
+        if !self.l2.contains(off) {
+            if self.l2.full_of_dirty() {
+                self.flush_meta()?;
+            }
+            if !self.l2.contains(off) {
+                let data = self.read_table(off)?;
+                self.l2.insert(off, data, false);
+            }
+        }
+        Ok(Some(off))
+    }
+
+    /// The L2 entry of guest cluster `c`.
+    fn lookup(&mut self, c: u64) -> Result<L2Entry> {
+        let bits = self.l2_per_table_bits();
+        let Some(t) = self.l2_table((c >> bits) as usize)? else {
+            return Ok(L2Entry::Unallocated);
+        };
+        let raw = get_be64(
+            self.l2.get(t).expect("loaded"),
+            (c & ((1 << bits) - 1)) as usize,
+        );
+        Ok(L2Entry::decode(raw, self.cluster_bits))
+    }
+
+    /// Guest clusters `c..` that share `c`'s missing L2 table (how many can
+    /// be skipped as unallocated), or 0 when `c` has a table.
+    fn unmapped_span(&self, c: u64) -> u64 {
+        let bits = self.l2_per_table_bits();
+        let i = (c >> bits) as usize;
+        match self.l1.get(i).copied().and_then(l1_table) {
+            Some(_) => 0,
+            None => ((i as u64 + 1) << bits) - c,
+        }
+    }
+
+    /// Sets the raw L2 entry of guest cluster `c`, creating its L2 table.
+    fn set_l2(&mut self, c: u64, raw: u64) -> Result<()> {
+        let bits = self.l2_per_table_bits();
+        let i = (c >> bits) as usize;
+        if i >= self.l1.len() {
+            return Err(Error::Internal(format!(
+                "{}: guest cluster {c} beyond the L1 table",
+                self.path.display()
+            )));
+        }
+        let t = match self.l2_table(i)? {
+            Some(t) => {
+                if self.l1[i] & COPIED == 0 {
+                    return Err(Error::Unsupported {
+                        path: self.path.clone(),
+                        format: "qcow2",
+                        feature: format!("writing a shared L2 table (L1 entry {i})"),
+                    });
+                }
+                t
+            }
+            None if raw == 0 => return Ok(()),
+            None => {
+                let t = self.alloc_clusters(1)?;
+                if self.l2.full_of_dirty() {
+                    self.flush_meta()?;
+                }
+                let data = vec![0u8; self.cluster_size() as usize].into_boxed_slice();
+                self.l2.insert(t, data, true);
+                self.l1[i] = t | COPIED;
+                self.l1_dirty.insert((i * 8) >> self.cluster_bits);
+                t
+            }
+        };
+        put_be64(
+            self.l2.get_mut(t).expect("loaded"),
+            (c & ((1 << bits) - 1)) as usize,
+            raw,
+        );
+        Ok(())
+    }
+
+    /// Queues the drop of the references `old` held; applied once the L2
+    /// change that dropped them is durable.
+    fn free_later(&mut self, old: L2Entry) {
+        if let Some(r) = old.host_clusters(self.cluster_size()) {
+            self.pending_frees.push(r);
+        }
+    }
+
+    /// Writes every dirty table in crash-safe order and syncs; then applies
+    /// the queued frees (whose refcount blocks go out with the next flush).
+    fn flush_meta(&mut self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let mut wrote = self.write_dirty_refblocks()?;
+        if !self.reftable_dirty.is_empty() {
+            if wrote {
+                self.sync()?;
+            }
+            let cs = self.cluster_size() as usize;
+            for ci in std::mem::take(&mut self.reftable_dirty) {
+                let entries =
+                    &self.reftable[ci * cs / 8..((ci + 1) * cs / 8).min(self.reftable.len())];
+                let buf: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
+                let off = self.h.refcount_table_offset + (ci * cs) as u64;
+                self.write(&buf, off, "write refcount table")?;
+            }
+            wrote = true;
+        }
+        let dirty_l2 = self.l2.dirty();
+        if !dirty_l2.is_empty() {
+            // Data and refcounts before the L2 entries that point at them.
+            self.sync()?;
+            for off in dirty_l2 {
+                let data = self.l2.peek(off).expect("dirty table is cached").to_vec();
+                self.write(&data, off, "write L2 table")?;
+                self.l2.mark_clean(off);
+            }
+            wrote = true;
+        }
+        if !self.l1_dirty.is_empty() {
+            if wrote {
+                self.sync()?;
+            }
+            let cs = self.cluster_size() as usize;
+            for ci in std::mem::take(&mut self.l1_dirty) {
+                let entries = &self.l1[ci * cs / 8..((ci + 1) * cs / 8).min(self.l1.len())];
+                let buf: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
+                let off = self.h.l1_table_offset + (ci * cs) as u64;
+                self.write(&buf, off, "write L1 table")?;
+            }
+        }
+        self.sync()?;
+        // The L2 changes that dropped these references are durable now.
+        let frees = std::mem::take(&mut self.pending_frees);
+        for (off, count) in frees {
+            for i in 0..count {
+                let c = (off >> self.cluster_bits) + i;
+                self.change_refcount(c, false)?;
+                if self.refcount(c)? == 0 {
+                    // Give the space back; the cluster's content is garbage now.
+                    let _ = self
+                        .st
+                        .punch_hole(c << self.cluster_bits, self.cluster_size());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn unsupported(path: &Path, feature: String) -> Error {
+    Error::Unsupported {
+        path: path.to_owned(),
+        format: "qcow2",
+        feature,
+    }
+}
+
+/// Reads `count` big-endian u64s at `off`.
+fn read_u64s(
+    st: &dyn Storage,
+    path: &Path,
+    off: u64,
+    count: u64,
+    what: &'static str,
+) -> Result<Vec<u64>> {
+    let mut buf = vec![0u8; (count * 8) as usize];
+    st.read_at(&mut buf, off)
+        .map_err(|e| Error::io(path, what, e))?;
+    Ok(buf
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
 
 impl Qcow2 {
-    pub fn open(storage: Arc<dyn Storage>, _opts: &Qcow2Options) -> Result<Self> {
-        Err(Error::Unsupported {
-            path: storage.path().to_owned(),
-            format: "qcow2",
-            feature: "not implemented yet".into(),
+    pub fn open(storage: Arc<dyn Storage>, opts: &Qcow2Options) -> Result<Self> {
+        let path = storage.path().to_owned();
+        let mut first = vec![0u8; 512];
+        storage
+            .read_at(&mut first, 0)
+            .map_err(|e| Error::io(&path, "read header", e))?;
+        let cluster_bits = Header::peek_cluster_bits(&first, &path)?;
+        let mut buf = vec![0u8; 1usize << cluster_bits];
+        storage
+            .read_at(&mut buf, 0)
+            .map_err(|e| Error::io(&path, "read header", e))?;
+        let h = Header::decode(&buf, &path)?;
+        let writable = opts.writable;
+        if h.crypt_method != 0 || h.has_crypto_ext {
+            return Err(unsupported(
+                &path,
+                format!("encryption (crypt_method {})", h.crypt_method),
+            ));
+        }
+        let unknown = h.incompatible_features & !header::INCOMPAT_KNOWN;
+        if unknown != 0 {
+            return Err(unsupported(
+                &path,
+                format!(
+                    "incompatible features: {}",
+                    h.feature_names(0, unknown).join(", ")
+                ),
+            ));
+        }
+        for (bit, always) in [
+            (header::INCOMPAT_EXTL2, true),
+            (header::INCOMPAT_DATA_FILE, true),
+            (header::INCOMPAT_COMPRESSION, false),
+        ] {
+            if h.incompatible_features & bit != 0 && (always || writable) {
+                let mut names = h.feature_names(0, bit);
+                if bit == header::INCOMPAT_COMPRESSION {
+                    names.push(format!("compression_type {}", h.compression_type));
+                }
+                return Err(unsupported(&path, names.join(", ")));
+            }
+        }
+        if h.data_file.is_some() {
+            return Err(unsupported(&path, "external data file".into()));
+        }
+        if writable {
+            if h.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
+                return Err(Error::Corrupt {
+                    path,
+                    message: "the corrupt bit is set; opening read-write is refused (run \
+                              qemu-img check -r all)"
+                        .into(),
+                });
+            }
+            if h.refcount_order != 4 {
+                return Err(unsupported(
+                    &path,
+                    format!(
+                        "refcount_bits {} for read-write opens (only 16)",
+                        1u32 << h.refcount_order
+                    ),
+                ));
+            }
+            if h.has_bitmaps_ext || h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0 {
+                return Err(unsupported(&path, "persistent bitmaps (read-write)".into()));
+            }
+            if h.nb_snapshots > 0 {
+                return Err(unsupported(
+                    &path,
+                    format!(
+                        "internal snapshots (read-write; the image has {})",
+                        h.nb_snapshots
+                    ),
+                ));
+            }
+        }
+        let cs = 1u64 << cluster_bits;
+        let l1 = read_u64s(
+            &*storage,
+            &path,
+            h.l1_table_offset,
+            u64::from(h.l1_size),
+            "read L1 table",
+        )?;
+        let reftable = read_u64s(
+            &*storage,
+            &path,
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs / 8,
+            "read refcount table",
+        )?;
+        let cache_bytes = opts.cache_bytes.unwrap_or(DEFAULT_CACHE_BYTES);
+        let l2_tables = (cache_bytes / cs) as usize;
+        let meta = Meta {
+            st: Arc::clone(&storage),
+            path: path.clone(),
+            writable,
+            cluster_bits,
+            h: h.clone(),
+            l1,
+            l1_dirty: BTreeSet::new(),
+            reftable,
+            reftable_dirty: BTreeSet::new(),
+            l2: TableCache::new(l2_tables),
+            rb: TableCache::new(l2_tables / 4),
+            free_hint: 0,
+            pending_frees: Vec::new(),
+        };
+        let q = Qcow2 {
+            storage,
+            path,
+            writable,
+            cluster_bits,
+            size: h.size,
+            version: h.version,
+            meta: Mutex::new(meta),
+            closed: AtomicBool::new(false),
+        };
+        if writable && h.incompatible_features & header::INCOMPAT_DIRTY != 0 {
+            // Refcounts may be stale (lazy refcounts): rebuild before use.
+            q.check(Some(Repair::All))?;
+            let mut m = q.lock();
+            let mut h = m.h.clone();
+            h.incompatible_features &= !header::INCOMPAT_DIRTY;
+            m.write_header(&h)?;
+        }
+        Ok(q)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    fn io(&self, op: &'static str, e: std::io::Error) -> Error {
+        Error::io(&self.path, op, e)
+    }
+
+    fn ensure_writable(&self) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly {
+                name: self.path.display().to_string(),
+            });
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::InvalidInput(format!(
+                "{}: image is closed",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        crate::device::check_range(self.size, offset, len)
+    }
+
+    /// The L2 entries of `[offset, offset + len)`, as runs of whole clusters
+    /// `(first cluster, count, entry of the first)`; runs of unallocated
+    /// clusters without an L2 table come back as one run.
+    fn entries(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, L2Entry)>> {
+        let mut m = self.lock();
+        let first = offset >> self.cluster_bits;
+        let end = (offset + len).div_ceil(self.cluster_size());
+        let mut out: Vec<(u64, u64, L2Entry)> = Vec::new();
+        let mut c = first;
+        while c < end {
+            let skip = m.unmapped_span(c);
+            let (n, e) = if skip > 0 {
+                (skip.min(end - c), L2Entry::Unallocated)
+            } else {
+                (1, m.lookup(c)?)
+            };
+            out.push((c, n, e));
+            c += n;
+        }
+        Ok(out)
+    }
+
+    /// Reads and inflates the compressed cluster `e` into `out` (one cluster).
+    fn read_compressed(&self, e: L2Entry, out: &mut [u8]) -> Result<()> {
+        let L2Entry::Compressed { host, len } = e else {
+            unreachable!("read_compressed on a non-compressed entry");
+        };
+        let m = self.lock();
+        let ctype = m.h.compression_type;
+        drop(m);
+        if ctype != 0 {
+            return Err(unsupported(
+                &self.path,
+                format!("compression_type {ctype} (zstd) for compressed clusters"),
+            ));
+        }
+        let len = len.min(2 * self.cluster_size());
+        let mut input = vec![0u8; len as usize];
+        self.storage
+            .read_at(&mut input, host)
+            .map_err(|e| self.io("read compressed cluster", e))?;
+        let mut d = flate2::Decompress::new(false);
+        let status = d.decompress(&input, out, flate2::FlushDecompress::Finish);
+        if d.total_out() as usize != out.len() || status.is_err() {
+            return Err(Error::Corrupt {
+                path: self.path.clone(),
+                message: format!(
+                    "compressed cluster at host offset {host:#x} does not inflate to {} bytes",
+                    out.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The whole content of guest cluster `c` before a write replaces it.
+    fn old_content(&self, c: u64, old: L2Entry, fill: &[CowFill<'_>]) -> Result<Vec<u8>> {
+        let cs = self.cluster_size();
+        let mut buf = vec![0u8; cs as usize];
+        match old {
+            L2Entry::Unallocated => {
+                if let Some(f) = fill.iter().find(|f| f.offset == c * cs) {
+                    let n = f.data.len().min(cs as usize);
+                    buf[..n].copy_from_slice(&f.data[..n]);
+                }
+            }
+            L2Entry::Zero { .. } => {}
+            L2Entry::Normal { host, .. } => self
+                .storage
+                .read_at(&mut buf, host)
+                .map_err(|e| self.io("read cluster", e))?,
+            L2Entry::Compressed { .. } => self.read_compressed(old, &mut buf)?,
+        }
+        Ok(buf)
+    }
+
+    /// Phase 2 of a write: the data, without the metadata lock.
+    fn write_data(
+        &self,
+        offset: u64,
+        data: &[u8],
+        plan: &[Plan],
+        fill: &[CowFill<'_>],
+    ) -> Result<()> {
+        let cs = self.cluster_size();
+        let end = offset + data.len() as u64;
+        let mut i = 0;
+        while i < plan.len() {
+            let mut j = i + 1;
+            while j < plan.len() && plan[j].host == plan[j - 1].host + cs {
+                j += 1;
+            }
+            let (a, b) = (&plan[i], &plan[j - 1]);
+            let g_start = offset.max(a.cluster * cs);
+            let g_end = end.min((b.cluster + 1) * cs);
+            let whole = |p: &Plan| !matches!(p.source, Source::InPlace);
+            let w_start = if whole(a) { a.cluster * cs } else { g_start };
+            let w_end = if whole(b) {
+                (b.cluster + 1) * cs
+            } else {
+                g_end
+            };
+            let host = a.host + (w_start - a.cluster * cs);
+            let slice = &data[(g_start - offset) as usize..(g_end - offset) as usize];
+            if w_start == g_start && w_end == g_end {
+                self.storage
+                    .write_at(slice, host)
+                    .map_err(|e| self.io("write data", e))?;
+            } else {
+                let mut buf = vec![0u8; (w_end - w_start) as usize];
+                for p in [a, b] {
+                    let (cs0, ce0) = (p.cluster * cs, (p.cluster + 1) * cs);
+                    let partial = g_start > cs0 || g_end < ce0;
+                    if whole(p) && partial {
+                        let old = match p.source {
+                            Source::Replace(e) => e,
+                            _ => L2Entry::Zero {
+                                host: None,
+                                copied: false,
+                            },
+                        };
+                        let content = self.old_content(p.cluster, old, fill)?;
+                        let at = (cs0 - w_start) as usize;
+                        buf[at..at + cs as usize].copy_from_slice(&content);
+                    }
+                }
+                let at = (g_start - w_start) as usize;
+                buf[at..at + slice.len()].copy_from_slice(slice);
+                self.storage
+                    .write_at(&buf, host)
+                    .map_err(|e| self.io("write data", e))?;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Writes zeros as data (v2 images, which have no zero clusters).
+    fn write_zero_data(&self, offset: u64, len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(CHUNK);
+            self.write(pos, &zeros[..n as usize], &[])?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Sets every cluster of `[offset, offset + len)` to what `target` says
+    /// (given the old entry), queueing frees for references dropped.
+    fn retarget(
+        &self,
+        offset: u64,
+        len: u64,
+        target: impl Fn(L2Entry) -> Option<L2Entry>,
+    ) -> Result<()> {
+        let first = offset >> self.cluster_bits;
+        let end = (offset + len).div_ceil(self.cluster_size());
+        let mut m = self.lock();
+        let mut c = first;
+        while c < end {
+            let skip = m.unmapped_span(c);
+            if skip > 0 && target(L2Entry::Unallocated).is_none() {
+                c += skip;
+                continue;
+            }
+            let old = m.lookup(c)?;
+            if let Some(new) = target(old)
+                && new != old
+            {
+                m.set_l2(c, new.encode())?;
+                let keeps = new.host_clusters(self.cluster_size());
+                if keeps.is_none() || keeps != old.host_clusters(self.cluster_size()) {
+                    m.free_later(old);
+                }
+            }
+            c += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Creates an empty v3 image (qemu-img's `compat=1.1` layout: header,
+/// refcount table, refcount blocks, L1 table).
+pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
+    let path = storage.path();
+    let cs = opts.cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE);
+    if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+        return Err(Error::InvalidInput(format!(
+            "{}: cluster size {cs} must be a power of two from 512 to 2097152",
+            path.display()
+        )));
+    }
+    let cluster_bits = cs.trailing_zeros();
+    let size = opts.size;
+    if size > (1u64 << 62) {
+        return Err(Error::InvalidInput(format!(
+            "{}: size {size} is above 2^62",
+            path.display()
+        )));
+    }
+    let l1_entries = Header::l1_entries_for(size, cluster_bits);
+    if l1_entries * 8 > header::MAX_L1_BYTES {
+        return Err(Error::InvalidInput(format!(
+            "{}: size {size} needs an L1 table above {} bytes with {cs}-byte clusters",
+            path.display(),
+            header::MAX_L1_BYTES
+        )));
+    }
+    let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
+    let per_block = cs * 8 / 16;
+    // header + reftable + refblocks + L1, sized until it covers itself.
+    let (mut rt_clusters, mut rb_count) = (1u64, 1u64);
+    loop {
+        let total = 1 + rt_clusters + rb_count + l1_clusters;
+        let rb = total.div_ceil(per_block);
+        let rt = (rb * 8).div_ceil(cs);
+        if rb == rb_count && rt == rt_clusters {
+            break;
+        }
+        rb_count = rb;
+        rt_clusters = rt;
+    }
+    let rt_off = cs;
+    let rb_off = rt_off + rt_clusters * cs;
+    let l1_off = rb_off + rb_count * cs;
+    let total = 1 + rt_clusters + rb_count + l1_clusters;
+    if rt_clusters * cs > header::MAX_REFTABLE_BYTES {
+        return Err(Error::InvalidInput(format!(
+            "{}: size {size} is too large for {cs}-byte clusters",
+            path.display()
+        )));
+    }
+    let h = Header {
+        version: 3,
+        cluster_bits,
+        size,
+        crypt_method: 0,
+        l1_size: l1_entries as u32,
+        l1_table_offset: l1_off,
+        refcount_table_offset: rt_off,
+        refcount_table_clusters: rt_clusters as u32,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: 0,
+        compatible_features: 0,
+        autoclear_features: 0,
+        refcount_order: 4,
+        header_length: header::V3_HEADER_LEN,
+        compression_type: 0,
+        backing_name: opts.backing.as_ref().map(|b| b.name.clone()),
+        backing_format: opts.backing.as_ref().and_then(|b| b.format.clone()),
+        feature_table: Some(header::default_feature_table()),
+        data_file: None,
+        has_bitmaps_ext: false,
+        has_crypto_ext: false,
+        other_extensions: Vec::new(),
+    };
+    let io = |op, e| Error::io(path, op, e);
+    let mut image = vec![0u8; (total * cs) as usize];
+    let hb = h.encode(path)?;
+    image[..hb.len()].copy_from_slice(&hb);
+    for b in 0..rb_count {
+        image[(rt_off + b * 8) as usize..(rt_off + b * 8 + 8) as usize]
+            .copy_from_slice(&(rb_off + b * cs).to_be_bytes());
+    }
+    for c in 0..total {
+        let at = (rb_off + c * 2) as usize;
+        image[at..at + 2].copy_from_slice(&1u16.to_be_bytes());
+    }
+    storage.write_at(&image, 0).map_err(|e| io("write", e))?;
+    storage.flush().map_err(|e| io("flush", e))
+}
+
+impl Format for Qcow2 {
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn granularity(&self) -> u64 {
+        self.cluster_size()
+    }
+
+    fn read_only(&self) -> bool {
+        !self.writable
+    }
+
+    fn backing(&self) -> Option<BackingSpec> {
+        let m = self.lock();
+        m.h.backing_name.as_ref().map(|name| BackingSpec {
+            name: name.clone(),
+            format: m.h.backing_format.clone(),
         })
     }
-}
 
-pub fn create(storage: &dyn Storage, _opts: &CreateOptions) -> Result<()> {
-    Err(Error::Unsupported {
-        path: storage.path().to_owned(),
-        format: "qcow2",
-        feature: "not implemented yet".into(),
-    })
-}
-
-impl crate::format::Format for Qcow2 {
-    fn format_name(&self) -> &'static str {
-        match *self {}
-    }
-    fn virtual_size(&self) -> u64 {
-        match *self {}
-    }
-    fn granularity(&self) -> u64 {
-        match *self {}
-    }
-    fn read_only(&self) -> bool {
-        match *self {}
-    }
-    fn backing(&self) -> Option<BackingSpec> {
-        match *self {}
-    }
     fn storage(&self) -> &Arc<dyn Storage> {
-        match *self {}
+        &self.storage
     }
-    fn map(&self, _: u64, _: u64) -> Result<Vec<crate::format::MappedRange>> {
-        match *self {}
+
+    fn map(&self, offset: u64, len: u64) -> Result<Vec<MappedRange>> {
+        self.check_range(offset, len)?;
+        let cs = self.cluster_size();
+        let end = offset + len;
+        let mut out: Vec<MappedRange> = Vec::new();
+        for (c, n, e) in self.entries(offset, len)? {
+            let start = (c * cs).max(offset);
+            let stop = ((c + n) * cs).min(end);
+            let within = start - c * cs;
+            let mapping = match e {
+                L2Entry::Unallocated => Mapping::Unallocated,
+                L2Entry::Zero { host, .. } => Mapping::Zero {
+                    host_offset: host.map(|h| h + within),
+                },
+                L2Entry::Normal { host, .. } => Mapping::Data {
+                    host_offset: host + within,
+                },
+                L2Entry::Compressed { .. } => Mapping::Compressed,
+            };
+            let r = MappedRange {
+                offset: start,
+                length: stop - start,
+                mapping,
+            };
+            if let Some(last) = out.last_mut() {
+                let contiguous = match (last.mapping, r.mapping) {
+                    (Mapping::Data { host_offset: a }, Mapping::Data { host_offset: b }) => {
+                        a + last.length == b
+                    }
+                    (
+                        Mapping::Zero {
+                            host_offset: Some(a),
+                        },
+                        Mapping::Zero {
+                            host_offset: Some(b),
+                        },
+                    ) => a + last.length == b,
+                    (x, y) => x == y,
+                };
+                if contiguous {
+                    last.length += r.length;
+                    continue;
+                }
+            }
+            out.push(r);
+        }
+        Ok(out)
     }
-    fn read(&self, _: u64, _: &mut [u8]) -> Result<Vec<(u64, u64)>> {
-        match *self {}
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<Vec<(u64, u64)>> {
+        self.check_range(offset, buf.len() as u64)?;
+        let mut holes: Vec<(u64, u64)> = Vec::new();
+        let mut cluster_buf = Vec::new();
+        for r in self.map(offset, buf.len() as u64)? {
+            let at = (r.offset - offset) as usize;
+            let dst = &mut buf[at..at + r.length as usize];
+            match r.mapping {
+                Mapping::Data { host_offset } => self
+                    .storage
+                    .read_at(dst, host_offset)
+                    .map_err(|e| self.io("read data", e))?,
+                Mapping::Zero { .. } => dst.fill(0),
+                Mapping::Unallocated => holes.push((r.offset, r.length)),
+                Mapping::Compressed => {
+                    let cs = self.cluster_size();
+                    let mut pos = r.offset;
+                    while pos < r.offset + r.length {
+                        let c = pos / cs;
+                        let n = ((c + 1) * cs).min(r.offset + r.length) - pos;
+                        let e = self.lock().lookup(c)?;
+                        cluster_buf.resize(cs as usize, 0);
+                        self.read_compressed(e, &mut cluster_buf)?;
+                        let from = (pos - c * cs) as usize;
+                        let to = (pos - offset) as usize;
+                        buf[to..to + n as usize]
+                            .copy_from_slice(&cluster_buf[from..from + n as usize]);
+                        pos += n;
+                    }
+                }
+            }
+        }
+        Ok(holes)
     }
-    fn write(&self, _: u64, _: &[u8], _: &[crate::format::CowFill<'_>]) -> Result<()> {
-        match *self {}
+
+    fn write(&self, offset: u64, data: &[u8], fill: &[CowFill<'_>]) -> Result<()> {
+        self.ensure_writable()?;
+        self.check_range(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let cs = self.cluster_size();
+        let first = offset >> self.cluster_bits;
+        let last = (offset + data.len() as u64 - 1) >> self.cluster_bits;
+        // Phase 1: look up, and allocate contiguous runs for what needs it.
+        let plan = {
+            let mut m = self.lock();
+            let mut plan = Vec::with_capacity((last - first + 1) as usize);
+            for c in first..=last {
+                let e = m.lookup(c)?;
+                let (host, source) = match e {
+                    L2Entry::Normal { host, copied: true } => (host, Source::InPlace),
+                    L2Entry::Zero {
+                        host: Some(host),
+                        copied: true,
+                    } => (host, Source::ReuseZero),
+                    other => (0, Source::Replace(other)),
+                };
+                plan.push(Plan {
+                    cluster: c,
+                    host,
+                    source,
+                });
+            }
+            let mut i = 0;
+            while i < plan.len() {
+                if plan[i].host != 0 {
+                    i += 1;
+                    continue;
+                }
+                let mut j = i;
+                while j < plan.len() && plan[j].host == 0 {
+                    j += 1;
+                }
+                let base = match m.alloc_clusters((j - i) as u64) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        release_new(&mut m, &plan[..i]);
+                        return Err(e);
+                    }
+                };
+                for (k, p) in plan[i..j].iter_mut().enumerate() {
+                    p.host = base + k as u64 * cs;
+                }
+                i = j;
+            }
+            plan
+        };
+        // Phase 2: the data, without the lock.
+        if let Err(e) = self.write_data(offset, data, &plan, fill) {
+            release_new(&mut self.lock(), &plan);
+            return Err(e);
+        }
+        // Phase 3: point the L2 entries at the new data (written back later,
+        // after a sync of the data).
+        let mut m = self.lock();
+        for p in &plan {
+            match p.source {
+                Source::InPlace => {}
+                Source::ReuseZero => m.set_l2(
+                    p.cluster,
+                    L2Entry::Normal {
+                        host: p.host,
+                        copied: true,
+                    }
+                    .encode(),
+                )?,
+                Source::Replace(old) => {
+                    m.set_l2(
+                        p.cluster,
+                        L2Entry::Normal {
+                            host: p.host,
+                            copied: true,
+                        }
+                        .encode(),
+                    )?;
+                    m.free_later(old);
+                }
+            }
+        }
+        Ok(())
     }
-    fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> Result<()> {
-        match *self {}
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, has_backing: bool) -> Result<()> {
+        self.ensure_writable()?;
+        self.check_range(offset, len)?;
+        if self.version < 3 {
+            if has_backing {
+                return self.write_zero_data(offset, len);
+            }
+            return self.retarget(offset, len, |_| Some(L2Entry::Unallocated));
+        }
+        let plain = L2Entry::Zero {
+            host: None,
+            copied: false,
+        };
+        self.retarget(offset, len, |old| match old {
+            L2Entry::Unallocated if !has_backing => None,
+            L2Entry::Normal { host, copied: true }
+            | L2Entry::Zero {
+                host: Some(host),
+                copied: true,
+            } if !unmap => Some(L2Entry::Zero {
+                host: Some(host),
+                copied: true,
+            }),
+            _ => Some(plain),
+        })
     }
-    fn discard(&self, _: u64, _: u64, _: bool) -> Result<()> {
-        match *self {}
+
+    fn discard(&self, offset: u64, len: u64, has_backing: bool) -> Result<()> {
+        self.ensure_writable()?;
+        self.check_range(offset, len)?;
+        if has_backing {
+            if self.version < 3 {
+                return Ok(());
+            }
+            return self.retarget(offset, len, |_| {
+                Some(L2Entry::Zero {
+                    host: None,
+                    copied: false,
+                })
+            });
+        }
+        self.retarget(offset, len, |old| {
+            old.is_allocated().then_some(L2Entry::Unallocated)
+        })
     }
+
     fn flush(&self) -> Result<()> {
-        match *self {}
+        if !self.writable {
+            return Ok(());
+        }
+        self.lock().flush_meta()
     }
-    fn set_backing(&self, _: Option<&BackingSpec>) -> Result<()> {
-        match *self {}
+
+    fn set_backing(&self, backing: Option<&BackingSpec>) -> Result<()> {
+        self.ensure_writable()?;
+        let mut m = self.lock();
+        m.flush_meta()?;
+        let mut h = m.h.clone();
+        h.backing_name = backing.map(|b| b.name.clone());
+        h.backing_format = backing.and_then(|b| b.format.clone());
+        m.write_header(&h)
     }
+
     fn allocated_bytes(&self) -> Result<u64> {
-        match *self {}
+        let cs = self.cluster_size();
+        Ok(self
+            .entries(0, self.size)?
+            .iter()
+            .filter(|(_, _, e)| e.is_allocated())
+            .map(|(c, n, _)| ((c + n) * cs).min(self.size) - c * cs)
+            .sum())
     }
-    fn check(&self, _: Option<crate::format::Repair>) -> Result<crate::format::CheckReport> {
-        match *self {}
+
+    fn check(&self, repair: Option<Repair>) -> Result<CheckReport> {
+        if repair.is_some() {
+            self.ensure_writable()?;
+        }
+        let mut m = self.lock();
+        check::check(&mut m, repair)
     }
+
     fn format_specific(&self) -> Option<serde_json::Value> {
-        match *self {}
+        let m = self.lock();
+        let h = &m.h;
+        let mut data = serde_json::Map::new();
+        let v3 = h.version >= 3;
+        data.insert("compat".into(), (if v3 { "1.1" } else { "0.10" }).into());
+        data.insert(
+            "compression-type".into(),
+            (if h.compression_type == 1 {
+                "zstd"
+            } else {
+                "zlib"
+            })
+            .into(),
+        );
+        if v3 {
+            data.insert(
+                "lazy-refcounts".into(),
+                (h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0).into(),
+            );
+        }
+        data.insert("refcount-bits".into(), (1u64 << h.refcount_order).into());
+        if v3 {
+            data.insert(
+                "corrupt".into(),
+                (h.incompatible_features & header::INCOMPAT_CORRUPT != 0).into(),
+            );
+            data.insert(
+                "extended-l2".into(),
+                (h.incompatible_features & header::INCOMPAT_EXTL2 != 0).into(),
+            );
+        }
+        Some(serde_json::json!({ "type": "qcow2", "data": data }))
     }
+
     fn close(&self) -> Result<()> {
-        match *self {}
+        if self.closed.swap(true, Ordering::SeqCst) || !self.writable {
+            return Ok(());
+        }
+        let mut m = self.lock();
+        m.flush_meta()?;
+        // The frees applied by the first flush dirtied refcount blocks.
+        m.flush_meta()
+    }
+}
+
+/// Gives back clusters a failed write allocated (no L2 entry points at them).
+fn release_new(m: &mut Meta, plan: &[Plan]) {
+    for p in plan {
+        if matches!(p.source, Source::Replace(_)) && p.host != 0 {
+            let _ = m.change_refcount(p.host >> m.cluster_bits, false);
+        }
     }
 }

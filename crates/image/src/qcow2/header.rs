@@ -1,0 +1,676 @@
+//! The qcow2 on-disk header and its extensions (docs/interop/qcow2.rst).
+//!
+//! [`Header::decode`] reads explicit big-endian fields and validates every
+//! one against an explicit limit before anything is allocated from it;
+//! [`Header::encode`] builds the header, its extensions and the backing name
+//! as one buffer that fits in the first cluster (and 4 KiB), so a header
+//! update is one positional write. Extensions diskstream does not interpret
+//! are kept byte for byte and written back.
+
+use std::path::Path;
+
+use crate::{Error, Result};
+
+pub const MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// Length of the version 2 header.
+pub const V2_HEADER_LEN: u32 = 72;
+/// Length of the version 3 header diskstream writes (with compression type
+/// and padding, as qemu-img writes it).
+pub const V3_HEADER_LEN: u32 = 112;
+/// Smallest and largest cluster_bits (512 B .. 2 MiB), same limits as qemu.
+pub const MIN_CLUSTER_BITS: u32 = 9;
+pub const MAX_CLUSTER_BITS: u32 = 21;
+/// Same limit as qemu (QCOW_MAX_L1_SIZE): 32 MiB of L1 table.
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+/// Same limit as qemu (QCOW_MAX_REFTABLE_SIZE): 8 MiB of refcount table.
+pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// Same limit as qemu (QCOW_MAX_SNAPSHOTS).
+pub const MAX_SNAPSHOTS: u32 = 65536;
+/// Same limit as qemu: backing file names are at most 1023 bytes.
+pub const MAX_BACKING_NAME: u32 = 1023;
+/// Same limit as qemu (QCOW_MAX_BACKING_FILE_FORMAT... ext length bound).
+pub const MAX_EXTENSION_LEN: u32 = 1 << 16;
+/// Header writes stay within this many bytes (and the first cluster).
+pub const MAX_HEADER_WRITE: u64 = 4096;
+
+// Feature bits.
+pub const INCOMPAT_DIRTY: u64 = 1 << 0;
+pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
+pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+pub const INCOMPAT_EXTL2: u64 = 1 << 4;
+pub const INCOMPAT_KNOWN: u64 =
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
+pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
+
+// Header extension types.
+pub const EXT_END: u32 = 0;
+pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+pub const EXT_CRYPTO: u32 = 0x0537_be77;
+pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+
+/// One entry of the feature name table extension.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeatureName {
+    /// 0 incompatible, 1 compatible, 2 autoclear.
+    pub kind: u8,
+    pub bit: u8,
+    pub name: String,
+}
+
+/// The feature names qemu-img writes into new images.
+pub fn default_feature_table() -> Vec<FeatureName> {
+    let f = |kind, bit, name: &str| FeatureName {
+        kind,
+        bit,
+        name: name.into(),
+    };
+    vec![
+        f(0, 0, "dirty bit"),
+        f(0, 1, "corrupt bit"),
+        f(0, 2, "external data file"),
+        f(0, 3, "compression type"),
+        f(0, 4, "extended L2 entries"),
+        f(1, 0, "lazy refcounts"),
+        f(2, 0, "bitmaps"),
+        f(2, 1, "raw external data"),
+    ]
+}
+
+/// The decoded header. Sizes and offsets are validated; tables are not read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub version: u32,
+    pub cluster_bits: u32,
+    pub size: u64,
+    pub crypt_method: u32,
+    pub l1_size: u32,
+    pub l1_table_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
+    pub nb_snapshots: u32,
+    pub snapshots_offset: u64,
+    pub incompatible_features: u64,
+    pub compatible_features: u64,
+    pub autoclear_features: u64,
+    pub refcount_order: u32,
+    pub header_length: u32,
+    pub compression_type: u8,
+    pub backing_name: Option<String>,
+    pub backing_format: Option<String>,
+    /// `None` when the image has no feature name table.
+    pub feature_table: Option<Vec<FeatureName>>,
+    pub data_file: Option<String>,
+    pub has_bitmaps_ext: bool,
+    pub has_crypto_ext: bool,
+    /// Extensions kept as they are (type, payload), in file order.
+    pub other_extensions: Vec<(u32, Vec<u8>)>,
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn invalid(path: &Path, message: String) -> Error {
+    Error::InvalidImage {
+        path: path.to_owned(),
+        format: "qcow2",
+        message,
+    }
+}
+
+impl Header {
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// L2 entries per L2 table.
+    pub fn l2_entries(&self) -> u64 {
+        self.cluster_size() / 8
+    }
+
+    /// L1 entries needed for `size` bytes with `cluster_bits`.
+    pub fn l1_entries_for(size: u64, cluster_bits: u32) -> u64 {
+        let per_l2 = 1u64 << (cluster_bits * 2 - 3);
+        size.div_ceil(per_l2)
+    }
+
+    /// The fixed fields only: how many bytes [`Header::decode`] needs to see
+    /// first, and the cluster size that bounds the rest.
+    pub fn peek_cluster_bits(buf: &[u8], path: &Path) -> Result<u32> {
+        if buf.len() < V2_HEADER_LEN as usize || buf[0..4] != MAGIC {
+            return Err(invalid(path, "bad magic (not a qcow2 image)".into()));
+        }
+        let cluster_bits = be32(buf, 20);
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            return Err(invalid(
+                path,
+                format!(
+                    "cluster_bits {cluster_bits} is outside {MIN_CLUSTER_BITS}..={MAX_CLUSTER_BITS}"
+                ),
+            ));
+        }
+        Ok(cluster_bits)
+    }
+
+    /// Decodes and validates the header in `buf` (the first cluster of the
+    /// file, or as much of it as exists).
+    pub fn decode(buf: &[u8], path: &Path) -> Result<Header> {
+        let cluster_bits = Self::peek_cluster_bits(buf, path)?;
+        let cluster_size = 1u64 << cluster_bits;
+        let version = be32(buf, 4);
+        if version != 2 && version != 3 {
+            return Err(Error::Unsupported {
+                path: path.to_owned(),
+                format: "qcow2",
+                feature: format!("version {version} (only 2 and 3 are known)"),
+            });
+        }
+        let backing_file_offset = be64(buf, 8);
+        let backing_file_size = be32(buf, 16);
+        let size = be64(buf, 24);
+        let crypt_method = be32(buf, 32);
+        let l1_size = be32(buf, 36);
+        let l1_table_offset = be64(buf, 40);
+        let refcount_table_offset = be64(buf, 48);
+        let refcount_table_clusters = be32(buf, 56);
+        let nb_snapshots = be32(buf, 60);
+        let snapshots_offset = be64(buf, 64);
+        let mut h = Header {
+            version,
+            cluster_bits,
+            size,
+            crypt_method,
+            l1_size,
+            l1_table_offset,
+            refcount_table_offset,
+            refcount_table_clusters,
+            nb_snapshots,
+            snapshots_offset,
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: V2_HEADER_LEN,
+            compression_type: 0,
+            backing_name: None,
+            backing_format: None,
+            feature_table: None,
+            data_file: None,
+            has_bitmaps_ext: false,
+            has_crypto_ext: false,
+            other_extensions: Vec::new(),
+        };
+        if version == 3 {
+            if buf.len() < 104 {
+                return Err(invalid(path, "version 3 header is truncated".into()));
+            }
+            h.incompatible_features = be64(buf, 72);
+            h.compatible_features = be64(buf, 80);
+            h.autoclear_features = be64(buf, 88);
+            h.refcount_order = be32(buf, 96);
+            h.header_length = be32(buf, 100);
+            if h.header_length < 104 {
+                return Err(invalid(
+                    path,
+                    format!("header_length {} is below 104", h.header_length),
+                ));
+            }
+            if u64::from(h.header_length) > cluster_size.min(buf.len() as u64) {
+                return Err(invalid(
+                    path,
+                    format!(
+                        "header_length {} exceeds the cluster size {cluster_size}",
+                        h.header_length
+                    ),
+                ));
+            }
+            if h.header_length >= 105 {
+                h.compression_type = buf[104];
+            }
+            if h.refcount_order > 6 {
+                return Err(invalid(
+                    path,
+                    format!("refcount_order {} is above 6", h.refcount_order),
+                ));
+            }
+        }
+        if size > (1u64 << 62) {
+            return Err(invalid(path, format!("size {size} is above 2^62")));
+        }
+        let l1_needed = Self::l1_entries_for(size, cluster_bits);
+        if u64::from(l1_size) * 8 > MAX_L1_BYTES {
+            return Err(invalid(
+                path,
+                format!("l1_size {l1_size} is above the limit of {MAX_L1_BYTES} bytes"),
+            ));
+        }
+        if u64::from(l1_size) < l1_needed {
+            return Err(invalid(
+                path,
+                format!("l1_size {l1_size} is too small for size {size} (needs {l1_needed})"),
+            ));
+        }
+        if l1_size > 0 && (l1_table_offset % cluster_size != 0 || l1_table_offset == 0) {
+            return Err(invalid(
+                path,
+                format!("l1_table_offset {l1_table_offset:#x} is not cluster aligned"),
+            ));
+        }
+        if refcount_table_offset % cluster_size != 0 || refcount_table_offset == 0 {
+            return Err(invalid(
+                path,
+                format!("refcount_table_offset {refcount_table_offset:#x} is not cluster aligned"),
+            ));
+        }
+        if refcount_table_clusters == 0
+            || u64::from(refcount_table_clusters) * cluster_size > MAX_REFTABLE_BYTES
+        {
+            return Err(invalid(
+                path,
+                format!(
+                    "refcount_table_clusters {refcount_table_clusters} is outside 1..={}",
+                    MAX_REFTABLE_BYTES / cluster_size
+                ),
+            ));
+        }
+        if nb_snapshots > MAX_SNAPSHOTS {
+            return Err(invalid(
+                path,
+                format!("nb_snapshots {nb_snapshots} is above {MAX_SNAPSHOTS}"),
+            ));
+        }
+        if nb_snapshots > 0 && snapshots_offset % cluster_size != 0 {
+            return Err(invalid(
+                path,
+                format!("snapshots_offset {snapshots_offset:#x} is not cluster aligned"),
+            ));
+        }
+        // Extensions: between the header and the backing name (or the end of
+        // the first cluster).
+        let ext_end = if backing_file_offset != 0 {
+            backing_file_offset
+        } else {
+            cluster_size
+        }
+        .min(buf.len() as u64) as usize;
+        let mut at = h.header_length as usize;
+        while at + 8 <= ext_end {
+            let ty = be32(buf, at);
+            let len = be32(buf, at + 4);
+            if ty == EXT_END {
+                break;
+            }
+            if len > MAX_EXTENSION_LEN || at + 8 + len as usize > ext_end {
+                return Err(invalid(
+                    path,
+                    format!(
+                        "header extension {ty:#x} at {at} of length {len} does not fit before \
+                         byte {ext_end}"
+                    ),
+                ));
+            }
+            let data = &buf[at + 8..at + 8 + len as usize];
+            match ty {
+                EXT_BACKING_FORMAT => {
+                    h.backing_format = Some(
+                        String::from_utf8(data.to_vec())
+                            .map_err(|_| invalid(path, "backing format is not UTF-8".into()))?,
+                    );
+                }
+                EXT_FEATURE_TABLE => {
+                    let mut t = Vec::new();
+                    for e in data.chunks_exact(48) {
+                        let name_end = e[2..].iter().position(|&b| b == 0).unwrap_or(46);
+                        t.push(FeatureName {
+                            kind: e[0],
+                            bit: e[1],
+                            name: String::from_utf8_lossy(&e[2..2 + name_end]).into_owned(),
+                        });
+                    }
+                    h.feature_table = Some(t);
+                }
+                EXT_DATA_FILE => {
+                    h.data_file = Some(String::from_utf8_lossy(data).into_owned());
+                }
+                _ => {
+                    if ty == EXT_BITMAPS {
+                        h.has_bitmaps_ext = true;
+                    }
+                    if ty == EXT_CRYPTO {
+                        h.has_crypto_ext = true;
+                    }
+                    h.other_extensions.push((ty, data.to_vec()));
+                }
+            }
+            at += 8 + (len as usize).next_multiple_of(8);
+        }
+        if backing_file_offset != 0 {
+            if backing_file_size == 0 || backing_file_size > MAX_BACKING_NAME {
+                return Err(invalid(
+                    path,
+                    format!(
+                        "backing_file_size {backing_file_size} is outside 1..={MAX_BACKING_NAME}"
+                    ),
+                ));
+            }
+            let end = backing_file_offset + u64::from(backing_file_size);
+            if backing_file_offset < u64::from(h.header_length)
+                || end > cluster_size
+                || end > buf.len() as u64
+            {
+                return Err(invalid(
+                    path,
+                    format!(
+                        "backing file name at {backing_file_offset} length {backing_file_size} \
+                         is not inside the first cluster"
+                    ),
+                ));
+            }
+            let name = &buf[backing_file_offset as usize..end as usize];
+            h.backing_name = Some(
+                String::from_utf8(name.to_vec())
+                    .map_err(|_| invalid(path, "backing file name is not UTF-8".into()))?,
+            );
+        }
+        Ok(h)
+    }
+
+    /// The names of incompatible feature bits set in `bits`, from the image's
+    /// feature name table (or `bit N` where it has none).
+    pub fn feature_names(&self, kind: u8, bits: u64) -> Vec<String> {
+        (0..64)
+            .filter(|b| bits & (1u64 << b) != 0)
+            .map(|b| {
+                self.feature_table
+                    .as_ref()
+                    .and_then(|t| t.iter().find(|f| f.kind == kind && u32::from(f.bit) == b))
+                    .map(|f| format!("{} (bit {b})", f.name))
+                    .unwrap_or_else(|| format!("unknown feature bit {b}"))
+            })
+            .collect()
+    }
+
+    /// Encodes header, extensions and backing name as one buffer.
+    pub fn encode(&self, path: &Path) -> Result<Vec<u8>> {
+        let hlen = if self.version == 3 {
+            self.header_length.max(104) as usize
+        } else {
+            V2_HEADER_LEN as usize
+        };
+        let mut b = vec![0u8; hlen];
+        b[0..4].copy_from_slice(&MAGIC);
+        b[4..8].copy_from_slice(&self.version.to_be_bytes());
+        b[20..24].copy_from_slice(&self.cluster_bits.to_be_bytes());
+        b[24..32].copy_from_slice(&self.size.to_be_bytes());
+        b[32..36].copy_from_slice(&self.crypt_method.to_be_bytes());
+        b[36..40].copy_from_slice(&self.l1_size.to_be_bytes());
+        b[40..48].copy_from_slice(&self.l1_table_offset.to_be_bytes());
+        b[48..56].copy_from_slice(&self.refcount_table_offset.to_be_bytes());
+        b[56..60].copy_from_slice(&self.refcount_table_clusters.to_be_bytes());
+        b[60..64].copy_from_slice(&self.nb_snapshots.to_be_bytes());
+        b[64..72].copy_from_slice(&self.snapshots_offset.to_be_bytes());
+        if self.version == 3 {
+            b[72..80].copy_from_slice(&self.incompatible_features.to_be_bytes());
+            b[80..88].copy_from_slice(&self.compatible_features.to_be_bytes());
+            b[88..96].copy_from_slice(&self.autoclear_features.to_be_bytes());
+            b[96..100].copy_from_slice(&self.refcount_order.to_be_bytes());
+            b[100..104].copy_from_slice(&(hlen as u32).to_be_bytes());
+            if hlen > 104 {
+                b[104] = self.compression_type;
+            }
+        }
+        let push_ext = |b: &mut Vec<u8>, ty: u32, data: &[u8]| {
+            b.extend_from_slice(&ty.to_be_bytes());
+            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            b.extend_from_slice(data);
+            b.resize(b.len().next_multiple_of(8), 0);
+        };
+        if let Some(f) = &self.backing_format {
+            push_ext(&mut b, EXT_BACKING_FORMAT, f.as_bytes());
+        }
+        if let Some(d) = &self.data_file {
+            push_ext(&mut b, EXT_DATA_FILE, d.as_bytes());
+        }
+        if let Some(t) = &self.feature_table {
+            let mut data = Vec::with_capacity(t.len() * 48);
+            for f in t {
+                let mut e = [0u8; 48];
+                e[0] = f.kind;
+                e[1] = f.bit;
+                let n = f.name.len().min(46);
+                e[2..2 + n].copy_from_slice(&f.name.as_bytes()[..n]);
+                data.extend_from_slice(&e);
+            }
+            push_ext(&mut b, EXT_FEATURE_TABLE, &data);
+        }
+        for (ty, data) in &self.other_extensions {
+            push_ext(&mut b, *ty, data);
+        }
+        b.extend_from_slice(&[0u8; 8]); // end of extensions
+        if let Some(name) = &self.backing_name {
+            if name.is_empty() || name.len() > MAX_BACKING_NAME as usize {
+                return Err(Error::InvalidInput(format!(
+                    "{}: backing file name length {} is outside 1..={MAX_BACKING_NAME}",
+                    path.display(),
+                    name.len()
+                )));
+            }
+            let off = b.len() as u64;
+            b[8..16].copy_from_slice(&off.to_be_bytes());
+            b[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+            b.extend_from_slice(name.as_bytes());
+        }
+        let limit = self.cluster_size().min(MAX_HEADER_WRITE);
+        if b.len() as u64 > limit {
+            return Err(Error::InvalidInput(format!(
+                "{}: header, extensions and backing name take {} bytes, more than the {limit} \
+                 bytes a header write may cover",
+                path.display(),
+                b.len()
+            )));
+        }
+        Ok(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p() -> &'static Path {
+        Path::new("t.qcow2")
+    }
+
+    fn sample() -> Header {
+        Header {
+            version: 3,
+            cluster_bits: 16,
+            size: 1 << 30,
+            crypt_method: 0,
+            l1_size: 2,
+            l1_table_offset: 0x30000,
+            refcount_table_offset: 0x10000,
+            refcount_table_clusters: 1,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: V3_HEADER_LEN,
+            compression_type: 0,
+            backing_name: Some("base.raw".into()),
+            backing_format: Some("raw".into()),
+            feature_table: Some(default_feature_table()),
+            data_file: None,
+            has_bitmaps_ext: false,
+            has_crypto_ext: false,
+            other_extensions: vec![(0x1234_5678, vec![1, 2, 3])],
+        }
+    }
+
+    fn encoded() -> Vec<u8> {
+        let mut b = sample().encode(p()).unwrap();
+        b.resize(65536, 0);
+        b
+    }
+
+    fn expect_invalid(b: &[u8], what: &str) {
+        let e = Header::decode(b, p()).unwrap_err();
+        assert!(e.to_string().contains(what), "{e} should mention {what}");
+    }
+
+    #[test]
+    fn header_round_trips() {
+        let h = sample();
+        assert_eq!(Header::decode(&encoded(), p()).unwrap(), h);
+        let mut v2 = sample();
+        v2.version = 2;
+        v2.header_length = V2_HEADER_LEN;
+        v2.refcount_order = 4;
+        let mut b = v2.encode(p()).unwrap();
+        b.resize(65536, 0);
+        assert_eq!(Header::decode(&b, p()).unwrap(), v2);
+    }
+
+    #[test]
+    fn header_rejects_bad_magic() {
+        let mut b = encoded();
+        b[0] = b'X';
+        expect_invalid(&b, "magic");
+    }
+
+    #[test]
+    fn header_rejects_version_4() {
+        let mut b = encoded();
+        b[4..8].copy_from_slice(&4u32.to_be_bytes());
+        expect_invalid(&b, "version 4");
+    }
+
+    #[test]
+    fn header_rejects_cluster_bits_above_21() {
+        let mut b = encoded();
+        b[20..24].copy_from_slice(&22u32.to_be_bytes());
+        expect_invalid(&b, "cluster_bits 22");
+    }
+
+    #[test]
+    fn header_rejects_cluster_bits_below_9() {
+        let mut b = encoded();
+        b[20..24].copy_from_slice(&8u32.to_be_bytes());
+        expect_invalid(&b, "cluster_bits 8");
+    }
+
+    #[test]
+    fn header_rejects_huge_l1_size() {
+        let mut b = encoded();
+        b[36..40].copy_from_slice(&(5u32 << 20).to_be_bytes());
+        expect_invalid(&b, "l1_size");
+    }
+
+    #[test]
+    fn header_rejects_l1_too_small_for_size() {
+        let mut b = encoded();
+        b[36..40].copy_from_slice(&1u32.to_be_bytes());
+        expect_invalid(&b, "too small");
+    }
+
+    #[test]
+    fn header_rejects_unaligned_l1_offset() {
+        let mut b = encoded();
+        b[40..48].copy_from_slice(&0x30200u64.to_be_bytes());
+        expect_invalid(&b, "l1_table_offset");
+    }
+
+    #[test]
+    fn header_rejects_unaligned_refcount_table() {
+        let mut b = encoded();
+        b[48..56].copy_from_slice(&0x10001u64.to_be_bytes());
+        expect_invalid(&b, "refcount_table_offset");
+    }
+
+    #[test]
+    fn header_rejects_huge_refcount_table() {
+        let mut b = encoded();
+        b[56..60].copy_from_slice(&1000u32.to_be_bytes());
+        expect_invalid(&b, "refcount_table_clusters");
+    }
+
+    #[test]
+    fn header_rejects_too_many_snapshots() {
+        let mut b = encoded();
+        b[60..64].copy_from_slice(&(MAX_SNAPSHOTS + 1).to_be_bytes());
+        expect_invalid(&b, "nb_snapshots");
+    }
+
+    #[test]
+    fn header_rejects_refcount_order_above_6() {
+        let mut b = encoded();
+        b[96..100].copy_from_slice(&7u32.to_be_bytes());
+        expect_invalid(&b, "refcount_order 7");
+    }
+
+    #[test]
+    fn header_rejects_short_header_length() {
+        let mut b = encoded();
+        b[100..104].copy_from_slice(&100u32.to_be_bytes());
+        expect_invalid(&b, "header_length 100");
+    }
+
+    #[test]
+    fn header_rejects_size_above_2_62() {
+        let mut b = encoded();
+        b[24..32].copy_from_slice(&(u64::MAX).to_be_bytes());
+        expect_invalid(&b, "size");
+    }
+
+    #[test]
+    fn header_rejects_backing_name_outside_first_cluster() {
+        let mut b = encoded();
+        b[8..16].copy_from_slice(&65530u64.to_be_bytes());
+        expect_invalid(&b, "backing file name");
+    }
+
+    #[test]
+    fn header_rejects_overlong_backing_name() {
+        let mut b = encoded();
+        b[16..20].copy_from_slice(&2000u32.to_be_bytes());
+        expect_invalid(&b, "backing_file_size 2000");
+    }
+
+    #[test]
+    fn header_rejects_extension_past_end() {
+        let mut b = encoded();
+        let at = V3_HEADER_LEN as usize + 4;
+        b[at..at + 4].copy_from_slice(&60000u32.to_be_bytes());
+        expect_invalid(&b, "header extension");
+    }
+
+    #[test]
+    fn encode_refuses_header_over_4k() {
+        let mut h = sample();
+        h.other_extensions.push((0x1111, vec![0; 4000]));
+        assert!(h.encode(p()).is_err());
+    }
+
+    #[test]
+    fn feature_names_come_from_the_table() {
+        let h = sample();
+        assert_eq!(
+            h.feature_names(0, INCOMPAT_EXTL2 | (1 << 9)),
+            vec![
+                "extended L2 entries (bit 4)".to_string(),
+                "unknown feature bit 9".to_string()
+            ]
+        );
+    }
+}

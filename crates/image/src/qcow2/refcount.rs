@@ -1,0 +1,292 @@
+//! Refcounts: reading and writing entries of any width, cluster allocation,
+//! refcount-block creation and refcount-table growth.
+//!
+//! The decision to know: a new refcount block for block index `i` is placed
+//! at the first cluster it describes (`i * entries_per_block`). A missing
+//! block means every cluster in its range has refcount zero, so that cluster
+//! is free, and the block covers itself: allocation never recurses. When the
+//! refcount table itself is full it is copied to a larger place, written and
+//! synced, and the header switched to it in one write before the old table
+//! is freed.
+
+use super::Meta;
+use super::header::MAX_REFTABLE_BYTES;
+use crate::{Error, Result};
+
+/// Reads entry `index` of a refcount block with `1 << order` bit entries.
+pub fn get_entry(block: &[u8], order: u32, index: usize) -> u64 {
+    let bits = 1usize << order;
+    if bits >= 8 {
+        let n = bits / 8;
+        let mut v = 0u64;
+        for &b in &block[index * n..index * n + n] {
+            v = (v << 8) | u64::from(b);
+        }
+        v
+    } else {
+        let per_byte = 8 / bits;
+        let byte = block[index / per_byte];
+        let shift = (index % per_byte) * bits;
+        u64::from(byte >> shift) & ((1u64 << bits) - 1)
+    }
+}
+
+/// Writes entry `index` of a refcount block with `1 << order` bit entries.
+pub fn set_entry(block: &mut [u8], order: u32, index: usize, value: u64) {
+    let bits = 1usize << order;
+    if bits >= 8 {
+        let n = bits / 8;
+        let bytes = value.to_be_bytes();
+        block[index * n..index * n + n].copy_from_slice(&bytes[8 - n..]);
+    } else {
+        let per_byte = 8 / bits;
+        let shift = (index % per_byte) * bits;
+        let mask = (((1u16 << bits) - 1) as u8) << shift;
+        let b = &mut block[index / per_byte];
+        *b = (*b & !mask) | (((value as u8) << shift) & mask);
+    }
+}
+
+/// The largest refcount an entry of `1 << order` bits holds.
+pub fn max_refcount(order: u32) -> u64 {
+    if order >= 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1u32 << order)) - 1
+    }
+}
+
+impl Meta {
+    /// log2 of the refcount entries per refcount block.
+    pub(super) fn rb_bits(&self) -> u32 {
+        self.cluster_bits + 3 - self.h.refcount_order
+    }
+
+    /// The refcount block holding cluster `c`'s refcount, if any.
+    fn refblock_of(&self, c: u64) -> Option<u64> {
+        let idx = (c >> self.rb_bits()) as usize;
+        self.reftable
+            .get(idx)
+            .map(|e| e & !0x1ff)
+            .filter(|&o| o != 0)
+    }
+
+    fn load_refblock(&mut self, off: u64) -> Result<()> {
+        if self.rb.contains(off) {
+            return Ok(());
+        }
+        if off % self.cluster_size() != 0 {
+            return Err(self.corrupt(format!(
+                "refcount block offset {off:#x} is not cluster aligned"
+            )));
+        }
+        if self.rb.full_of_dirty() {
+            self.flush_meta()?;
+            // The flush applies queued frees, which may have loaded (and
+            // changed) this very block: never replace it with a stale copy.
+            if self.rb.contains(off) {
+                return Ok(());
+            }
+        }
+        let data = self.read_table(off)?;
+        self.rb.insert(off, data, false);
+        Ok(())
+    }
+
+    /// The refcount of host cluster `c` (by index).
+    pub(super) fn refcount(&mut self, c: u64) -> Result<u64> {
+        let Some(off) = self.refblock_of(c) else {
+            return Ok(0);
+        };
+        self.load_refblock(off)?;
+        let i = (c & ((1u64 << self.rb_bits()) - 1)) as usize;
+        let order = self.h.refcount_order;
+        Ok(get_entry(self.rb.get(off).expect("loaded"), order, i))
+    }
+
+    /// Sets the refcount of host cluster `c`, whose block must exist.
+    pub(super) fn set_refcount(&mut self, c: u64, value: u64) -> Result<()> {
+        let Some(off) = self.refblock_of(c) else {
+            return Err(Error::Internal(format!(
+                "{}: refcount block for cluster {c} missing",
+                self.path.display()
+            )));
+        };
+        if value > max_refcount(self.h.refcount_order) {
+            return Err(self.corrupt(format!(
+                "refcount of cluster {c} would exceed {}",
+                max_refcount(self.h.refcount_order)
+            )));
+        }
+        self.load_refblock(off)?;
+        let i = (c & ((1u64 << self.rb_bits()) - 1)) as usize;
+        let order = self.h.refcount_order;
+        set_entry(self.rb.get_mut(off).expect("loaded"), order, i, value);
+        Ok(())
+    }
+
+    /// Adds one to, or takes one from, the refcount of cluster `c`.
+    pub(super) fn change_refcount(&mut self, c: u64, increase: bool) -> Result<()> {
+        let old = self.refcount(c)?;
+        let new = if increase {
+            old + 1
+        } else {
+            old.checked_sub(1).ok_or_else(|| {
+                self.corrupt(format!(
+                    "refcount of cluster {c} (offset {:#x}) would drop below zero",
+                    c << self.cluster_bits
+                ))
+            })?
+        };
+        self.set_refcount(c, new)?;
+        if new == 0 && c < self.free_hint {
+            self.free_hint = c;
+        }
+        Ok(())
+    }
+
+    /// Allocates `n` contiguous free clusters and returns the host offset of
+    /// the first. Their refcounts are raised in the cache (written before any
+    /// L2 table that points at them, see `flush_meta`).
+    pub(super) fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        loop {
+            let mut c = self.free_hint;
+            let mut run_start = c;
+            let mut len = 0;
+            while len < n {
+                if self.refcount(c)? == 0 {
+                    if len == 0 {
+                        run_start = c;
+                    }
+                    len += 1;
+                } else {
+                    len = 0;
+                }
+                c += 1;
+            }
+            let first_idx = run_start >> self.rb_bits();
+            let last_idx = (run_start + n - 1) >> self.rb_bits();
+            let missing = (first_idx..=last_idx).find(|&i| {
+                self.reftable
+                    .get(i as usize)
+                    .is_none_or(|e| e & !0x1ff == 0)
+            });
+            if let Some(idx) = missing {
+                // The new block takes a cluster of the run: search again.
+                self.create_refblock(idx)?;
+                continue;
+            }
+            for i in 0..n {
+                self.change_refcount(run_start + i, true)?;
+            }
+            if run_start == self.free_hint {
+                self.free_hint = run_start + n;
+            }
+            return Ok(run_start << self.cluster_bits);
+        }
+    }
+
+    /// Creates the refcount block for block index `idx` at its own first
+    /// cluster (growing the refcount table first when it is too small).
+    fn create_refblock(&mut self, idx: u64) -> Result<()> {
+        if idx as usize >= self.reftable.len() {
+            return self.grow_reftable(idx);
+        }
+        let host = (idx << self.rb_bits()) << self.cluster_bits;
+        let mut data = vec![0u8; self.cluster_size() as usize].into_boxed_slice();
+        set_entry(&mut data, self.h.refcount_order, 0, 1);
+        if self.rb.full_of_dirty() {
+            self.flush_meta()?;
+        }
+        self.rb.insert(host, data, true);
+        self.reftable[idx as usize] = host;
+        let per_cluster = (self.cluster_size() / 8) as usize;
+        self.reftable_dirty.insert(idx as usize / per_cluster);
+        Ok(())
+    }
+
+    /// Moves the refcount table to a place big enough for block `need_idx`.
+    fn grow_reftable(&mut self, need_idx: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let per_cluster = cs / 8;
+        let old_off = self.h.refcount_table_offset;
+        let old_clusters = u64::from(self.h.refcount_table_clusters);
+        let entries = (need_idx + 1)
+            .max(self.reftable.len() as u64 * 2)
+            .next_multiple_of(per_cluster);
+        let clusters = entries / per_cluster;
+        if clusters * cs > MAX_REFTABLE_BYTES {
+            return Err(Error::Unsupported {
+                path: self.path.clone(),
+                format: "qcow2",
+                feature: format!(
+                    "a refcount table larger than {MAX_REFTABLE_BYTES} bytes (image too large \
+                     for its cluster size)"
+                ),
+            });
+        }
+        self.reftable.resize(entries as usize, 0);
+        let new_off = self.alloc_clusters(clusters)?;
+        // Blocks first, then the table that points at them, then the header.
+        self.write_dirty_refblocks()?;
+        self.sync()?;
+        let mut buf = Vec::with_capacity((clusters * cs) as usize);
+        for e in &self.reftable {
+            buf.extend_from_slice(&e.to_be_bytes());
+        }
+        self.write(&buf, new_off, "write refcount table")?;
+        self.sync()?;
+        let mut h = self.h.clone();
+        h.refcount_table_offset = new_off;
+        h.refcount_table_clusters = clusters as u32;
+        self.write_header(&h)?;
+        self.reftable_dirty.clear();
+        // The header no longer points at the old table: free it.
+        for i in 0..old_clusters {
+            self.change_refcount((old_off >> self.cluster_bits) + i, false)?;
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty refcount block (no sync).
+    pub(super) fn write_dirty_refblocks(&mut self) -> Result<bool> {
+        let dirty = self.rb.dirty();
+        for off in &dirty {
+            let data = self.rb.peek(*off).expect("dirty table is cached").to_vec();
+            self.write(&data, *off, "write refcount block")?;
+            self.rb.mark_clean(*off);
+        }
+        Ok(!dirty.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_of_every_width_round_trip() {
+        for order in 0..=6u32 {
+            let mut block = vec![0u8; 512];
+            let max = max_refcount(order);
+            let entries = (512 * 8) >> order;
+            for i in 0..entries {
+                set_entry(&mut block, order, i, (i as u64 * 7) & max);
+            }
+            for i in 0..entries {
+                assert_eq!(
+                    get_entry(&block, order, i),
+                    (i as u64 * 7) & max,
+                    "order {order}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn sixteen_bit_entries_are_big_endian() {
+        let mut block = vec![0u8; 8];
+        set_entry(&mut block, 4, 1, 0x0102);
+        assert_eq!(block[2..4], [1, 2]);
+    }
+}
