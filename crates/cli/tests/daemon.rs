@@ -261,7 +261,6 @@ fn job_events(out: &str) -> Vec<(String, Option<String>)> {
 }
 
 #[test]
-#[ignore = "needs the qcow2 engine (branch qcow2, not merged yet)"]
 fn block_stream_pause_resume_cancel_then_complete_with_qemu_qmp() {
     let dir = tempfile::tempdir().unwrap();
     let (base, top) = make_chain(dir.path());
@@ -298,7 +297,6 @@ fn block_stream_pause_resume_cancel_then_complete_with_qemu_qmp() {
 /// The same QMP sequence against qemu-storage-daemon and diskstream daemon:
 /// the same job states and events, and images that compare identical.
 #[test]
-#[ignore = "needs the qcow2 engine (branch qcow2, not merged yet)"]
 fn differential_block_stream_against_qemu_storage_daemon() {
     let qdir = tempfile::tempdir().unwrap();
     let (qbase, qtop) = make_chain(qdir.path());
@@ -354,7 +352,6 @@ fn differential_block_stream_against_qemu_storage_daemon() {
 /// SIGTERM with a job running: the daemon cancels it, flushes, exits 0; the
 /// image checks clean, keeps its backing, and a new stream completes it.
 #[test]
-#[ignore = "needs the qcow2 engine (branch qcow2, not merged yet)"]
 fn sigterm_with_a_running_stream_leaves_a_consistent_resumable_image() {
     let dir = tempfile::tempdir().unwrap();
     let (base, top) = make_chain(dir.path());
