@@ -59,8 +59,16 @@ pub async fn run(listener: UnixListener, handle: Handle, shutdown: impl Future<O
             _done: done_tx.clone(),
         };
         tokio::spawn(async move {
-            if let Err(e) = conn.run().await {
-                eprintln!("diskstream daemon: connection: {e}");
+            match conn.run().await {
+                // A client that leaves while an event or reply is on its
+                // way is not an error of the daemon.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                    ) => {}
+                Err(e) => eprintln!("diskstream daemon: connection: {e}"),
+                Ok(()) => {}
             }
             drop(permit);
         });
