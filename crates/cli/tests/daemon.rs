@@ -477,3 +477,72 @@ fn daemon_nbd_flag_starts_the_server() {
     assert!(st.success());
     assert!(!sock.exists());
 }
+
+/// `pull --wait --timeout` cancels a pull that takes too long (the image
+/// keeps its backing), and a second `pull --wait` completes it; `job`
+/// controls a running pull.
+#[test]
+fn pull_wait_timeout_cancels_and_a_second_pull_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, top) = make_chain(dir.path());
+    let t = top.to_str().unwrap();
+    let d = Daemon::start(dir.path());
+    let sock = d.sock();
+    let add = format!(
+        r#"{{"execute": "blockdev-add", "arguments": {{"driver": "qcow2", "node-name": "top", "file": {{"driver": "file", "filename": "{t}"}}}}}}"#
+    );
+    assert!(ds(&["qmp", "--qmp", sock, &add]).status.success());
+
+    let out = ds(&[
+        "pull",
+        "top",
+        "--qmp",
+        sock,
+        "--bandwidth",
+        "1M",
+        "--wait",
+        "--timeout",
+        "1",
+    ]);
+    assert!(
+        !out.status.success(),
+        "a 16 MiB pull at 1 MiB/s ended within 1 s"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("timed out") && err.contains("cancelled"),
+        "{err}"
+    );
+    let out = ds(&["job", "top", "--qmp", sock]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "No current block job for top"
+    );
+
+    let out = ds(&["pull", "top", "--qmp", sock, "--bandwidth", "1M"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ds(&["job", "top", "--qmp", sock, "--output", "json"]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["type"], "stream");
+    assert_eq!(j["speed"], 1 << 20);
+    let out = ds(&["job", "top", "--qmp", sock, "--bandwidth", "0"]);
+    assert!(out.status.success());
+    // The job may already be gone; what matters is how the image ends.
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = ds(&["job", "top", "--qmp", sock]);
+        if String::from_utf8_lossy(&out.stdout).contains("No current block job") {
+            break;
+        }
+        assert!(Instant::now() < end, "pull did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let del = r#"{"execute": "blockdev-del", "arguments": {"node-name": "top"}}"#;
+    assert!(ds(&["qmp", "--qmp", sock, del]).status.success());
+    d.terminate();
+    assert_streamed(&base, &top);
+}
