@@ -546,3 +546,43 @@ fn pull_wait_timeout_cancels_and_a_second_pull_completes() {
     d.terminate();
     assert_streamed(&base, &top);
 }
+
+fn start_qsd(dir: &Path) -> (Child, PathBuf) {
+    let qsock = dir.join("qsd.sock");
+    let mut qsd = Command::new("qemu-storage-daemon")
+        .arg("--chardev")
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=qmp0",
+            qsock.display()
+        ))
+        .args(["--monitor", "chardev=qmp0"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start qemu-storage-daemon");
+    wait_for_socket(&mut qsd, &qsock);
+    (qsd, qsock)
+}
+
+/// The same bad commands against qemu-storage-daemon and diskstream daemon
+/// get the same error class and message (same file and node names).
+#[test]
+fn differential_error_replies_against_qemu_storage_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, top) = make_chain(dir.path());
+    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+    let (mut qsd, qsock) = start_qsd(dir.path());
+    let q_out = run_py("errors.py", &[qsock.to_str().unwrap(), b, t]);
+    let _ = qsd.kill();
+    let _ = qsd.wait();
+    let d = Daemon::start(dir.path());
+    let d_out = run_py("errors.py", &[d.sock(), b, t]);
+    d.terminate();
+    let q: Vec<Vec<String>> = serde_json::from_str(q_out.trim()).unwrap();
+    let ds_: Vec<Vec<String>> = serde_json::from_str(d_out.trim()).unwrap();
+    assert_eq!(q.len(), ds_.len());
+    let diffs: Vec<_> = q.iter().zip(&ds_).filter(|(a, b)| a != b).collect();
+    assert!(
+        diffs.is_empty(),
+        "qemu-storage-daemon vs diskstream: {diffs:#?}"
+    );
+}

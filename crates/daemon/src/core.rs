@@ -355,7 +355,9 @@ impl Core {
                 let job = self.block_job(&id)?;
                 apply_verb(&id, JobVerb::SetSpeed, job.status)?;
                 if speed < 0 {
-                    return Err(QmpError::generic("Invalid parameter 'speed'"));
+                    return Err(QmpError::generic(
+                        "Parameter 'speed' expects a non-negative value",
+                    ));
                 }
                 job.engine.set_speed(speed as u64);
                 json!({})
@@ -870,7 +872,7 @@ impl Core {
         let base = args.opt_str("base")?;
         let base_node = args.opt_str("base-node")?;
         let backing_file = args.opt_str("backing-file")?;
-        let speed = args.opt_u64("speed")?.unwrap_or(0);
+        let speed = args.opt_i64("speed")?.unwrap_or(0);
         let on_error = args
             .opt_enum("on-error", OnErrorPolicy::NAMES)?
             .map_or(OnErrorPolicy::Report, |s| {
@@ -889,23 +891,7 @@ impl Core {
                 "Cannot find device='{device}' nor node-name='{device}'"
             ))
         })?;
-        let id = job_id.unwrap_or_else(|| device.clone());
-        if !id_wellformed(&id) {
-            return Err(QmpError::generic(format!("Invalid job ID '{id}'")));
-        }
-        if self.job_index(&id).is_some() {
-            return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
-        }
-        if self.jobs.iter().any(|j| j.node == device && !j.ended) {
-            return Err(QmpError::generic(format!(
-                "Node '{device}' is busy: block device is in use by block job: stream"
-            )));
-        }
-        if node.read_only {
-            return Err(QmpError::generic(format!(
-                "Block node '{device}' is read-only"
-            )));
-        }
+        // Checked in QEMU's order: the chain, the node's users, then the job.
         let mut base = self.resolve_base(&device, image, base.as_deref(), base_node.as_deref())?;
         if let Some(bf) = backing_file {
             match &mut base.link {
@@ -917,6 +903,36 @@ impl Core {
                 Some((spec, _)) => spec.name = bf,
             }
         }
+        // A job holds its node until it is dismissed (reaches null).
+        if self
+            .jobs
+            .iter()
+            .any(|j| j.node == device && j.status != JobStatus::Null)
+        {
+            return Err(QmpError::generic(format!(
+                "Node '{device}' is busy: block device is in use by block job: stream"
+            )));
+        }
+        if node.read_only {
+            return Err(QmpError::generic(format!(
+                "Block node '{device}' is read-only"
+            )));
+        }
+        // QEMU requires job-id for a node without a device name; diskstream
+        // has no device names and defaults the job id to the node name.
+        let id = job_id.unwrap_or_else(|| device.clone());
+        if !id_wellformed(&id) {
+            return Err(QmpError::generic(format!("Invalid job ID '{id}'")));
+        }
+        if self.job_index(&id).is_some() {
+            return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
+        }
+        if speed < 0 {
+            return Err(QmpError::generic(
+                "Parameter 'speed' expects a non-negative value",
+            ));
+        }
+        let speed = speed as u64;
         let defaults = StreamOptions::default();
         let opts = StreamOptions {
             device: id.clone(),
@@ -1192,7 +1208,12 @@ impl Core {
                 "Block node '{device}' is read-only"
             )));
         }
-        if self.jobs.iter().any(|j| j.node == device && !j.ended) {
+        // A job holds its node until it is dismissed (reaches null).
+        if self
+            .jobs
+            .iter()
+            .any(|j| j.node == device && j.status != JobStatus::Null)
+        {
             return Err(QmpError::generic(format!(
                 "Node '{device}' is busy: block device is in use by block job: stream"
             )));

@@ -99,8 +99,9 @@ async def main():
     rec = Recorder(qmp)
     await qmp.execute("block-stream", {"device": "r0", "job-id": "j1",
                                        "auto-finalize": False, "auto-dismiss": False})
-    await expect_error(qmp, "block-stream", {"device": "r0", "job-id": "j1"},
-                       "GenericError", "Job ID 'j1' already in use")
+    await expect_error(qmp, "block-stream", {"device": "r0", "job-id": "j2"},
+                       "GenericError",
+                       "Node 'r0' is busy: block device is in use by block job: stream")
     await rec.until("BLOCK_JOB_PENDING")
     want = [["JOB_STATUS_CHANGE", "created"], ["JOB_STATUS_CHANGE", "running"],
             ["JOB_STATUS_CHANGE", "waiting"], ["JOB_STATUS_CHANGE", "pending"],
