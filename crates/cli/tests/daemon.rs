@@ -586,3 +586,42 @@ fn differential_error_replies_against_qemu_storage_daemon() {
         "qemu-storage-daemon vs diskstream: {diffs:#?}"
     );
 }
+
+/// One-unit mode over QMP: a management loop of `pull-step` calls, each
+/// returning the next offset, streams a qcow2 overlay to completion.
+#[test]
+fn pull_step_loop_streams_a_qcow2_overlay_to_completion() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, top) = make_chain(dir.path());
+    let t = top.to_str().unwrap();
+    let d = Daemon::start(dir.path());
+    let sock = d.sock();
+    let add = format!(
+        r#"{{"execute": "blockdev-add", "arguments": {{"driver": "qcow2", "node-name": "top", "file": {{"driver": "file", "filename": "{t}"}}}}}}"#
+    );
+    assert!(ds(&["qmp", "--qmp", sock, &add]).status.success());
+    let mut offset = 0u64;
+    let mut steps = 0;
+    // Bounded: at most one step per MiB of the 32 MiB image, plus the last.
+    loop {
+        steps += 1;
+        assert!(steps <= 40, "too many steps");
+        let out = ds(&["pull-step", "top", &offset.to_string(), "--qmp", sock]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let next = v["next-offset"].as_u64().unwrap();
+        assert!(next > offset || next == 32 << 20, "{v}");
+        offset = next;
+        if v["completed"] == true {
+            break;
+        }
+    }
+    let del = r#"{"execute": "blockdev-del", "arguments": {"node-name": "top"}}"#;
+    assert!(ds(&["qmp", "--qmp", sock, del]).status.success());
+    d.terminate();
+    assert_streamed(&base, &top);
+}
