@@ -308,7 +308,7 @@ async fn model_run(dir: &Path, cluster: u64, backing: bool, seed: u64) {
         &path,
         &OpenOptions {
             writable: true,
-            metadata_cache_bytes: Some(cluster * 8),
+            metadata_cache_bytes: Some(cluster * 32),
             ..OpenOptions::default()
         },
     )

@@ -74,14 +74,20 @@ impl TableCache {
             "a dirty table at {offset:#x} would be replaced"
         );
         if self.slots.len() >= self.capacity && !self.slots.contains_key(&offset) {
-            let victim = self
+            // Drop the oldest eighth of the clean tables at once, so a full
+            // cache does not scan every slot on every insert.
+            let mut clean: Vec<(u64, u64)> = self
                 .slots
                 .iter()
                 .filter(|(_, s)| !s.dirty)
-                .min_by_key(|(_, s)| s.used)
-                .map(|(k, _)| *k);
-            if let Some(v) = victim {
-                self.slots.remove(&v);
+                .map(|(k, s)| (s.used, *k))
+                .collect();
+            let n = (self.capacity / 8).max(1).min(clean.len());
+            if n > 0 {
+                clean.select_nth_unstable(n - 1);
+                for (_, k) in &clean[..n] {
+                    self.slots.remove(k);
+                }
             }
         }
         self.clock += 1;
