@@ -38,6 +38,16 @@ enum Command {
     Serve(cmd::serve::ServeArgs),
     /// Copy an overlay's data from its backing chain until it is independent.
     Stream(cmd::stream::StreamArgs),
+    /// Serve QMP on a Unix socket: block nodes, NBD exports, block-stream jobs.
+    Daemon(cmd::daemon::DaemonArgs),
+    /// Start streaming a daemon node from its backing (virsh blockpull).
+    Pull(cmd::pull::PullArgs),
+    /// Copy the next unit of a daemon node and print the next offset.
+    PullStep(cmd::pull_step::PullStepArgs),
+    /// Show or control a daemon's block job (virsh blockjob).
+    Job(cmd::job::JobArgs),
+    /// Send one raw QMP command to a daemon and print the reply.
+    Qmp(cmd::qmp::QmpArgs),
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -49,6 +59,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Convert(a) => cmd::convert::run(a).await,
         Command::Serve(a) => cmd::serve::run(a).await,
         Command::Stream(a) => cmd::stream::run(a).await,
+        Command::Daemon(a) => cmd::daemon::run(a).await,
+        Command::Pull(a) => cmd::pull::run(a).await,
+        Command::PullStep(a) => cmd::pull_step::run(a).await,
+        Command::Job(a) => cmd::job::run(a).await,
+        Command::Qmp(a) => cmd::qmp::run(a).await,
     }
 }
 

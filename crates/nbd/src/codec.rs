@@ -996,7 +996,7 @@ fn parse_chunk(kind: u16, p: &[u8]) -> Result<Chunk, DecodeError> {
             }
         }
         CHUNK_BLOCK_STATUS => {
-            if p.len() < 12 || (p.len() - 4) % 8 != 0 {
+            if p.len() < 12 || !(p.len() - 4).is_multiple_of(8) {
                 return Err(bad_reply(
                     "BLOCK_STATUS chunk",
                     format!("payload of {} bytes is not 4 + 8n, n >= 1", p.len()),

@@ -82,6 +82,10 @@ impl Export {
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub exports: Vec<Export>,
+    /// Exports that change while the server runs (the daemon's QMP
+    /// `block-export-add`/`-del`); when set, used instead of `exports`.
+    /// Removing one stops new connections to it; connected clients keep it.
+    pub shared_exports: Option<Arc<std::sync::RwLock<Vec<Export>>>>,
     /// Connections served at once; further clients wait in the backlog
     /// (qemu-nbd `--shared`).
     pub max_connections: usize,
@@ -97,9 +101,18 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// The exports as they are now.
+    fn current_exports(&self) -> Vec<Export> {
+        match &self.shared_exports {
+            Some(t) => t.read().unwrap_or_else(|e| e.into_inner()).clone(),
+            None => self.exports.clone(),
+        }
+    }
+
     pub fn new(exports: Vec<Export>) -> Self {
         ServerConfig {
             exports,
+            shared_exports: None,
             max_connections: 100,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             persistent: true,
@@ -371,7 +384,12 @@ async fn negotiate(
         structured: false,
         contexts: None,
     };
-    let find = |name: &str| config.exports.iter().find(|e| e.name == name).cloned();
+    let find = |name: &str| {
+        config
+            .current_exports()
+            .into_iter()
+            .find(|e| e.name == name)
+    };
     let mut tls_active = false;
     loop {
         let Some((raw, _)) = reader.next(decode_option).await? else {
@@ -446,7 +464,7 @@ async fn negotiate(
             }
             Opt::List => {
                 let mut b = Vec::new();
-                for e in &config.exports {
+                for e in &config.current_exports() {
                     encode_option_reply(
                         code,
                         &OptReply::Server {

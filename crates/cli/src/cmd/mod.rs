@@ -16,9 +16,14 @@ use image::open::{BackingChoice, OpenOptions, is_uri, resolve_backing_path};
 pub mod check;
 pub mod convert;
 pub mod create;
+pub mod daemon;
 pub mod info;
+pub mod job;
 pub mod map;
 pub mod progress;
+pub mod pull;
+pub mod pull_step;
+pub mod qmp;
 pub mod serve;
 pub mod stream;
 

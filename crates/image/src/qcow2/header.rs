@@ -259,13 +259,13 @@ impl Header {
                 format!("l1_size {l1_size} is too small for size {size} (needs {l1_needed})"),
             ));
         }
-        if l1_size > 0 && (l1_table_offset % cluster_size != 0 || l1_table_offset == 0) {
+        if l1_size > 0 && (!l1_table_offset.is_multiple_of(cluster_size) || l1_table_offset == 0) {
             return Err(invalid(
                 path,
                 format!("l1_table_offset {l1_table_offset:#x} is not cluster aligned"),
             ));
         }
-        if refcount_table_offset % cluster_size != 0 || refcount_table_offset == 0 {
+        if !refcount_table_offset.is_multiple_of(cluster_size) || refcount_table_offset == 0 {
             return Err(invalid(
                 path,
                 format!("refcount_table_offset {refcount_table_offset:#x} is not cluster aligned"),
@@ -288,7 +288,7 @@ impl Header {
                 format!("nb_snapshots {nb_snapshots} is above {MAX_SNAPSHOTS}"),
             ));
         }
-        if nb_snapshots > 0 && snapshots_offset % cluster_size != 0 {
+        if nb_snapshots > 0 && !snapshots_offset.is_multiple_of(cluster_size) {
             return Err(invalid(
                 path,
                 format!("snapshots_offset {snapshots_offset:#x} is not cluster aligned"),

@@ -74,7 +74,7 @@ impl Meta {
         if self.rb.contains(off) {
             return Ok(());
         }
-        if off % self.cluster_size() != 0 {
+        if !off.is_multiple_of(self.cluster_size()) {
             return Err(self.corrupt(format!(
                 "refcount block offset {off:#x} is not cluster aligned"
             )));
