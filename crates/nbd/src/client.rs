@@ -170,6 +170,8 @@ pub struct ClientOptions {
     /// First and largest pause between reconnect attempts.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Require TLS (`STARTTLS`) with these settings; `None` = plaintext.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl Default for ClientOptions {
@@ -180,6 +182,7 @@ impl Default for ClientOptions {
             reconnect_window: Some(Duration::from_secs(60)),
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
+            tls: None,
         }
     }
 }
@@ -208,10 +211,7 @@ const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
 /// Requests retried at most this many times across reconnects.
 const MAX_ATTEMPTS: u32 = 16;
 
-type Stream = (
-    Box<dyn AsyncRead + Send + Unpin>,
-    Box<dyn AsyncWrite + Send + Unpin>,
-);
+type Stream = (crate::tls::BoxRead, crate::tls::BoxWrite);
 
 async fn dial(addr: &Address) -> io::Result<Stream> {
     Ok(match addr {
@@ -269,7 +269,10 @@ struct Negotiated {
 
 /// Connects and negotiates: fixed newstyle, structured replies,
 /// `base:allocation`, then `GO` (falling back to `EXPORT_NAME`).
-async fn negotiate(target: &Target) -> std::result::Result<Negotiated, NegoError> {
+async fn negotiate(
+    target: &Target,
+    tls: Option<&crate::tls::ClientTls>,
+) -> std::result::Result<Negotiated, NegoError> {
     let (rd, mut wr) = dial(&target.address).await?;
     let mut rd = FrameReader::new(rd);
     let Some((sflags, _)) = rd.next(decode_greeting).await? else {
@@ -280,6 +283,33 @@ async fn negotiate(target: &Target) -> std::result::Result<Negotiated, NegoError
     let cflags = FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
     encode_client_flags(cflags, &mut b);
     wr.write_all(&b).await?;
+
+    if let Some(tls) = tls {
+        send_opt(&mut wr, &Opt::StartTls).await?;
+        match next_opt_reply(&mut rd).await?.reply {
+            OptReply::Ack => {}
+            OptReply::Error { code, message } => {
+                return Err(NegoError::Refused(format!(
+                    "server refused STARTTLS (reply {code:#x}): {message}"
+                )));
+            }
+            other => {
+                return Err(NegoError::Refused(format!(
+                    "unexpected reply to STARTTLS: {other:?}"
+                )));
+            }
+        }
+        if rd.buffered() > 0 {
+            return Err(NegoError::Refused(
+                "server sent data after accepting STARTTLS".into(),
+            ));
+        }
+        let (r, w) = crate::tls::connect(tls, rd.into_inner(), wr)
+            .await
+            .map_err(|e| NegoError::Refused(format!("TLS handshake: {e}")))?;
+        rd = FrameReader::new(r);
+        wr = w;
+    }
 
     send_opt(&mut wr, &Opt::StructuredReply).await?;
     let structured = matches!(next_opt_reply(&mut rd).await?.reply, OptReply::Ack);
@@ -337,6 +367,11 @@ async fn negotiate(target: &Target) -> std::result::Result<Negotiated, NegoError
                 };
                 export = Some((size, flags));
                 break;
+            }
+            OptReply::Error { code, message } if code == REP_ERR_TLS_REQD => {
+                return Err(NegoError::Refused(format!(
+                    "server requires TLS (configure the client with TLS): {message}"
+                )));
             }
             OptReply::Error { code, message } => {
                 return Err(NegoError::Refused(format!(
@@ -624,7 +659,7 @@ async fn writer(
             }
             w.flush().await?;
         }
-        Ok(())
+        w.shutdown().await
     }
     .await;
     if let (Err(e), Some(c)) = (r, conn.upgrade()) {
@@ -699,8 +734,23 @@ impl Drop for NbdClient {
     fn drop(&mut self) {
         self.shared.closed.store(true, Ordering::SeqCst);
         self.supervisor.abort();
-        if let State::Up(c) = &*self.shared.state.borrow() {
-            c.kill("client closed".into());
+        // A polite goodbye: DISC, then the writer shuts the stream down
+        // (a TLS close_notify) once the connection object is gone.
+        if let State::Up(c) = &*self.shared.state.borrow()
+            && !c.is_dead()
+        {
+            let mut head = Vec::with_capacity(REQUEST_HEADER_LEN);
+            encode_request(
+                &Request {
+                    flags: 0,
+                    command: Command::Disc,
+                    cookie: 0,
+                    offset: 0,
+                    length: 0,
+                },
+                &mut head,
+            );
+            let _ = c.tx.send((head, None));
         }
     }
 }
@@ -714,7 +764,7 @@ impl NbdClient {
 
     pub async fn connect(target: Target, opts: ClientOptions) -> Result<Self> {
         let uri = target.uri();
-        let n = tokio::time::timeout(opts.connect_timeout, negotiate(&target))
+        let n = tokio::time::timeout(opts.connect_timeout, negotiate(&target, opts.tls.as_ref()))
             .await
             .map_err(|_| {
                 Error::Remote(format!(
@@ -907,7 +957,9 @@ async fn supervise(shared: Weak<Shared>, mut conn: Arc<Conn>) {
         let mut backoff = opts.backoff_min;
         let mut expired = expired_now;
         loop {
-            let attempt = tokio::time::timeout(opts.connect_timeout, negotiate(&target)).await;
+            let attempt =
+                tokio::time::timeout(opts.connect_timeout, negotiate(&target, opts.tls.as_ref()))
+                    .await;
             let Some(s) = shared.upgrade() else { return };
             match attempt {
                 Ok(Ok(n)) if n.info.size != size => {
@@ -1092,7 +1144,7 @@ impl BlockDevice for NbdClient {
     }
 }
 
-/// Opens `nbd://` and `nbd+unix://` backings for [`image::open`]. NBD
+/// Opens `nbd://` and `nbd+unix://` backings for [`image::open()`]. NBD
 /// exports are raw devices: a backing named with another format is refused
 /// (diskstream does not run a format over a remote device).
 #[derive(Clone, Debug, Default)]

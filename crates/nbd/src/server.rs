@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use image::{BlockDevice, Extent, ExtentKind, WriteFlags};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
@@ -96,6 +96,8 @@ pub struct ServerConfig {
     pub persistent: bool,
     /// Print connection errors to stderr.
     pub verbose: bool,
+    /// When set, TLS is required: clients must `STARTTLS` first.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ServerConfig {
@@ -115,6 +117,7 @@ impl ServerConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             persistent: true,
             verbose: false,
+            tls: None,
         }
     }
 }
@@ -126,8 +129,7 @@ pub enum Listener {
     Unix(UnixListener, PathBuf),
 }
 
-type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
-type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+use crate::tls::{BoxRead, BoxWrite};
 
 impl Listener {
     pub async fn bind_tcp(addr: &str) -> io::Result<Self> {
@@ -298,6 +300,12 @@ pub enum ConnError {
     UnknownExport(String),
     #[error("client closed the connection during the handshake")]
     ClosedInHandshake,
+    #[error("client sent NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only server")]
+    TlsRequired,
+    #[error("client sent data after STARTTLS before the TLS handshake")]
+    DataAfterStartTls,
+    #[error("TLS handshake: {0}")]
+    Tls(io::Error),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -382,11 +390,50 @@ async fn negotiate(
             .into_iter()
             .find(|e| e.name == name)
     };
+    let mut tls_active = false;
     loop {
         let Some((raw, _)) = reader.next(decode_option).await? else {
             return Err(ConnError::ClosedInHandshake);
         };
         let code = raw.code;
+        if let Some(tls) = config.tls.as_ref().filter(|_| !tls_active) {
+            match code {
+                OPT_STARTTLS if raw.data.is_empty() => {
+                    reply(wr, code, OptReply::Ack).await?;
+                    if reader.buffered() > 0 {
+                        // Plaintext injected ahead of the TLS handshake.
+                        return Err(ConnError::DataAfterStartTls);
+                    }
+                    let empty: BoxRead = Box::new(tokio::io::empty());
+                    let old_rd = std::mem::replace(reader, FrameReader::new(empty));
+                    let old_wr = std::mem::replace(wr, Box::new(tokio::io::sink()));
+                    let (r, w) = crate::tls::accept(Arc::clone(tls), old_rd.into_inner(), old_wr)
+                        .await
+                        .map_err(ConnError::Tls)?;
+                    *reader = FrameReader::new(r);
+                    *wr = w;
+                    tls_active = true;
+                    continue;
+                }
+                OPT_ABORT => {
+                    let _ = reply(wr, code, OptReply::Ack).await;
+                    return Ok(None);
+                }
+                OPT_EXPORT_NAME => return Err(ConnError::TlsRequired),
+                _ => {
+                    reply(
+                        wr,
+                        code,
+                        err(
+                            REP_ERR_TLS_REQD,
+                            "this server requires TLS (STARTTLS first)",
+                        ),
+                    )
+                    .await?;
+                    continue;
+                }
+            }
+        }
         let opt = match codec::parse_option(&raw) {
             Ok(o) => o,
             Err(e) => {
@@ -431,12 +478,12 @@ async fn negotiate(
                 send(wr, &b).await?;
             }
             Opt::StartTls => {
-                reply(
-                    wr,
-                    code,
-                    err(REP_ERR_UNSUP, "TLS is not configured on this server"),
-                )
-                .await?
+                let r = if tls_active {
+                    err(REP_ERR_INVALID, "TLS is already active")
+                } else {
+                    err(REP_ERR_UNSUP, "TLS is not configured on this server")
+                };
+                reply(wr, code, r).await?
             }
             Opt::StructuredReply => {
                 if st.structured {

@@ -5,7 +5,8 @@
 //! replaces qemu-nbd's `-b`/`-p` pair and `-t` is the cache mode, as in
 //! `qemu-img`. Without `--persistent` the server exits once the last client
 //! has disconnected; SIGINT/SIGTERM stop it gracefully (in-flight requests
-//! finish and the image is flushed and closed).
+//! finish and the image is flushed and closed). `--tls-cert`/`--tls-key`
+//! make TLS required (qemu-nbd's `--tls-creds` with an x509 object).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,12 @@ pub struct ServeArgs {
     /// Seconds a client may take to negotiate (0 = unlimited).
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub handshake_limit: u64,
+    /// Require TLS with this X.509 certificate chain (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Report connection errors on stderr.
     #[arg(short = 'v', long)]
     pub verbose: bool,
@@ -61,6 +68,10 @@ pub struct ServeArgs {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.shared >= 1, "--shared must be at least 1");
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(nbd::tls::server_config(c, k)?),
+        _ => None,
+    };
     let opts = OpenOptions {
         writable: !args.read_only,
         cache: args.cache,
@@ -96,6 +107,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.max_connections = args.shared;
     config.persistent = args.persistent;
     config.verbose = args.verbose;
+    config.tls = tls;
     config.handshake_timeout = match args.handshake_limit {
         0 => Duration::MAX,
         s => Duration::from_secs(s),
