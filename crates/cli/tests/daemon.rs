@@ -625,3 +625,97 @@ fn pull_step_loop_streams_a_qcow2_overlay_to_completion() {
     d.terminate();
     assert_streamed(&base, &top);
 }
+
+fn qmp_ok(sock: &str, request: &str) {
+    let out = ds(&["qmp", "--qmp", sock, request]);
+    assert!(
+        out.status.success(),
+        "{request}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Post-copy block migration between two daemons: the source exports its
+/// disk over NBD, the destination opens an overlay whose backing is that
+/// export and pulls it; the result is the source's disk, with no backing.
+#[test]
+fn post_copy_between_two_daemons_over_nbd() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let dst_dir = tempfile::tempdir().unwrap();
+    let base = src_dir.path().join("disk.raw");
+    let b = base.to_str().unwrap();
+    run("qemu-img", &["create", "-q", "-f", "raw", b, "32M"]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x11 0 8M",
+            "-c",
+            "write -P 0x22 12M 8M",
+            b,
+        ],
+    );
+    let nbd_sock = src_dir.path().join("nbd.sock");
+    let src = Daemon::start(src_dir.path());
+    qmp_ok(
+        src.sock(),
+        &format!(
+            r#"{{"execute": "blockdev-add", "arguments": {{"driver": "raw", "node-name": "disk", "read-only": true, "file": {{"driver": "file", "filename": "{b}"}}}}}}"#
+        ),
+    );
+    qmp_ok(
+        src.sock(),
+        &format!(
+            r#"{{"execute": "nbd-server-start", "arguments": {{"addr": {{"type": "unix", "data": {{"path": "{}"}}}}}}}}"#,
+            nbd_sock.display()
+        ),
+    );
+    qmp_ok(
+        src.sock(),
+        r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "disk"}}"#,
+    );
+
+    let top = dst_dir.path().join("top.qcow2");
+    let t = top.to_str().unwrap();
+    let uri = format!("nbd+unix:///disk?socket={}", nbd_sock.display());
+    run(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-u", "-b", &uri, "-F", "raw", t, "32M",
+        ],
+    );
+    let dst = Daemon::start(dst_dir.path());
+    qmp_ok(
+        dst.sock(),
+        &format!(
+            r#"{{"execute": "blockdev-add", "arguments": {{"driver": "qcow2", "node-name": "top", "file": {{"driver": "file", "filename": "{t}"}}}}}}"#
+        ),
+    );
+    let out = ds(&[
+        "pull",
+        "top",
+        "--qmp",
+        dst.sock(),
+        "--wait",
+        "--timeout",
+        "120",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    qmp_ok(
+        dst.sock(),
+        r#"{"execute": "blockdev-del", "arguments": {"node-name": "top"}}"#,
+    );
+    dst.terminate();
+    src.terminate();
+    run("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", b, t]);
+    run("qemu-img", &["check", "-f", "qcow2", t]);
+    let info = run("qemu-img", &["info", "--output", "json", "-f", "qcow2", t]);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert!(v.get("backing-filename").is_none(), "backing left: {v}");
+}

@@ -420,7 +420,9 @@ impl Core {
                     .opt_object("addr")?
                     .ok_or_else(|| QmpError::generic("Parameter 'addr' is missing"))?;
                 if args.opt_str("tls-creds")?.is_some() || args.opt_str("tls-authz")?.is_some() {
-                    return Err(QmpError::generic("TLS is not supported by this NBD server"));
+                    return Err(QmpError::generic(
+                        "tls-creds/tls-authz need QOM credential objects (object-add), which diskstream daemon does not have",
+                    ));
                 }
                 args.finish()?;
                 let addr = NbdAddr::from_args(addr)?;

@@ -21,6 +21,11 @@ use tokio::time::Instant;
 use crate::base::Base;
 use crate::throttle::TokenBucket;
 
+/// The copy rate is measured over about this much recent time.
+const RATE_WINDOW: Duration = Duration::from_secs(3);
+/// No rate is reported over less time than this (it would be noise).
+const MIN_RATE_SPAN: Duration = Duration::from_millis(200);
+
 /// Block status is asked for this much of the device at a time.
 const SCAN_WINDOW: u64 = 1 << 30;
 /// The whole device is re-scanned at most this many times after the first
@@ -199,8 +204,10 @@ impl Shared {
             st.info.zeroed += out.zeroed;
             st.info.remote = st.info.remote.saturating_sub(out.copied);
             st.samples.push_back((now, st.info.copied));
+            // Keep about RATE_WINDOW of history, and always the sample that
+            // starts it.
             while st.samples.len() > 2
-                && now.saturating_duration_since(st.samples[0].0) > Duration::from_secs(3)
+                && now.saturating_duration_since(st.samples[1].0) > RATE_WINDOW
             {
                 st.samples.pop_front();
             }
@@ -248,7 +255,9 @@ impl StreamJob {
         let shared = Arc::new(Shared {
             status: Mutex::new(Status {
                 info,
-                samples: VecDeque::new(),
+                // The start is a sample: the rate of a young job is measured
+                // from it, not from two completions a millisecond apart.
+                samples: VecDeque::from([(Instant::now(), 0)]),
                 skipped: 0,
             }),
             state_tx,
@@ -294,8 +303,11 @@ impl StreamJob {
         let st = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
         let mut info = st.info.clone();
         if let (Some(first), Some(last)) = (st.samples.front(), st.samples.back()) {
-            let dt = last.0.saturating_duration_since(first.0).as_secs_f64();
-            if dt > 0.0 {
+            // Up to now, not to the last completion: a stalled job's rate falls.
+            let dt = Instant::now()
+                .saturating_duration_since(first.0)
+                .as_secs_f64();
+            if dt >= MIN_RATE_SPAN.as_secs_f64() {
                 info.rate = ((last.1 - first.1) as f64 / dt) as u64;
             }
         }
@@ -515,15 +527,35 @@ impl Runner {
         }
     }
 
-    /// Sleeps `d` for the rate limit, waking early on a control change.
-    async fn throttle_sleep(&mut self, d: Duration) {
-        if d.is_zero() {
-            return;
+    /// Sleeps `d` for the rate limit, reaping copies that finish meanwhile
+    /// and waking early on a control change.
+    async fn throttle_sleep(
+        &mut self,
+        d: Duration,
+        tasks: &mut JoinSet<CopyResult>,
+        failures: &mut Failures,
+    ) -> Result<(), StreamError> {
+        let deadline = tokio::time::sleep(d);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => return Ok(()),
+                _ = self.ctl.changed() => return Ok(()),
+                Some(r) = tasks.join_next(), if !tasks.is_empty() => self.reap(r, failures)?,
+            }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(d) => {}
-            _ = self.ctl.changed() => {}
+    }
+
+    /// Reaps the copies that have finished, without waiting.
+    fn reap_finished(
+        &self,
+        tasks: &mut JoinSet<CopyResult>,
+        failures: &mut Failures,
+    ) -> Result<(), StreamError> {
+        while let Some(r) = tasks.try_join_next() {
+            self.reap(r, failures)?;
         }
+        Ok(())
     }
 
     async fn stream(&mut self) -> Result<Outcome, StreamError> {
@@ -557,6 +589,7 @@ impl Runner {
                     let end = e.end().next_multiple_of(g).min(size);
                     while s < end {
                         let n = chunk.min(end - s);
+                        self.reap_finished(&mut tasks, &mut failures)?;
                         while tasks.len() >= max_in_flight {
                             let r = tasks.join_next().await.expect("tasks is not empty");
                             self.reap(r, &mut failures)?;
@@ -570,7 +603,7 @@ impl Runner {
                                 bucket.set_rate(speed, Instant::now());
                             }
                             let d = bucket.charge(n, Instant::now());
-                            self.throttle_sleep(d).await;
+                            self.throttle_sleep(d, &mut tasks, &mut failures).await?;
                         }
                         let img = Arc::clone(&image);
                         tasks.spawn(async move { (s, n, img.populate(s, n, base_depth).await) });

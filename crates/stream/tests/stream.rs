@@ -191,6 +191,7 @@ async fn sparse_backing_streams_only_its_data() {
     );
     assert_eq!(s.skipped, 128 * MIB, "the holes are passed over");
     img.close().await.unwrap();
+    drop(img);
     let map = Command::new("qemu-img")
         .args(["map", "--output=json", p(&c.top)])
         .output()
@@ -318,6 +319,7 @@ async fn cancelled_stream_resumes_without_copying_twice() {
     let second = stream_to_end(&img, StreamOptions::default()).await;
     let read_second = img.stats().snapshot().backing_read_bytes;
     img.close().await.unwrap();
+    drop(img);
     assert_eq!(
         first.copied + second.copied,
         32 * MIB,
@@ -391,6 +393,7 @@ async fn copy_on_read_keeps_what_the_guest_read() {
         );
     }
     img.close().await.unwrap();
+    drop(img);
     assert_check_clean(&c.top);
 }
 
@@ -487,4 +490,31 @@ async fn a_dropped_wait_leaves_the_result_for_the_next() {
     let s = job.wait().await.expect("the second wait gets the result");
     assert_eq!(s.outcome, Outcome::Cancelled);
     img.close().await.unwrap();
+    drop(img);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_rate_follows_the_speed_limit() {
+    let c = chain(32 * MIB, MIB, 24, 8, "qcow2");
+    let img = open_rw(&c.top).await;
+    let job = StreamJob::start(
+        Arc::clone(&img),
+        StreamOptions {
+            speed: 4 * MIB,
+            ..StreamOptions::default()
+        },
+    );
+    let mut worst = 0;
+    for _ in 0..12 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let i = job.info();
+        worst = worst.max(i.rate);
+    }
+    job.cancel();
+    job.wait().await.unwrap();
+    // The burst allowance and the chunks in flight at the start add a little.
+    assert!(worst > 0, "a running job reports a rate");
+    assert!(worst < 12 * MIB, "rate {worst} B/s under a 4 MiB/s limit");
+    img.close().await.unwrap();
+    drop(img);
 }
