@@ -206,7 +206,7 @@ async fn reads_compressed_clusters() {
     for _ in 0..40 {
         let len = rng.random_range(1..20000usize);
         let off = rng.random_range(0..(16u64 << 20) - len as u64);
-        let data = random_bytes(&mut rng, len as usize);
+        let data = random_bytes(&mut rng, len);
         model[off as usize..off as usize + len].copy_from_slice(&data);
         img.write(off, Bytes::from(data), WriteFlags::default())
             .await
