@@ -878,3 +878,27 @@ async fn check_finds_and_repairs_a_wrong_copied_flag() {
     assert_eq!(c["leaks"].as_u64().unwrap_or(0), 0, "{c}");
     assert_eq!(read_all(&path).await[..128 << 10], vec![1u8; 128 << 10][..]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn images_with_persistent_bitmaps_check_like_qemu_and_refuse_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bm.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p(&path), "16M"],
+    );
+    run("qemu-img", &["bitmap", "--add", p(&path), "b0"]);
+    run(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "512k", p(&path), "b1"],
+    );
+    // Data written through qemu-io marks the bitmaps, which are stored
+    // (with data clusters) when it closes the image.
+    qemu_io(&path, &["write -P 6 0 2M", "write -P 7 4M 1M"]);
+    let c = qemu_check(&path);
+    assert_eq!(c["leaks"].as_u64().unwrap_or(0), 0, "{c}");
+    assert_eq!(read_all(&path).await, qemu_raw(&path, dir.path()));
+    assert_check_agrees(&path).await;
+    let e = image::open(&path, &writable()).await.unwrap_err();
+    assert!(e.to_string().contains("bitmaps"), "{e}");
+}
