@@ -18,6 +18,9 @@ use crate::format::{CheckReport, Repair};
 /// Reference counts computed from the metadata.
 struct Walk {
     refs: Vec<u64>,
+    /// Clusters past this index are not counted but reported: a hostile
+    /// offset must not make the walk allocate terabytes.
+    limit: u64,
     report: CheckReport,
     /// (table offset, index, raw entry, is L1) of active L1/L2 entries with a
     /// host cluster, to compare their COPIED flag with the refcount.
@@ -30,7 +33,14 @@ impl Walk {
             return;
         }
         let first = off >> cluster_bits;
-        let last = (off + len - 1) >> cluster_bits;
+        let last = off.saturating_add(len - 1) >> cluster_bits;
+        if last >= self.limit {
+            self.report.corruptions += 1;
+            self.report.messages.push(format!(
+                "ERROR offset={off:#x} length {len}: reference far beyond the end of the image"
+            ));
+            return;
+        }
         if self.refs.len() <= last as usize {
             self.refs.resize(last as usize + 1, 0);
         }
@@ -190,8 +200,11 @@ fn walk_bitmaps(m: &Meta, w: &mut Walk) -> Result<()> {
 fn walk(m: &Meta) -> Result<Walk> {
     let cb = m.cluster_bits;
     let cs = 1u64 << cb;
+    let file_clusters = m.st.len().map_err(|e| m.io("stat", e))?.div_ceil(cs);
     let mut w = Walk {
         refs: Vec::new(),
+        // 2^20 clusters of slack past the end of the file (8 MiB of counters).
+        limit: file_clusters + (1 << 20),
         report: CheckReport {
             allocated_clusters: Some(0),
             fragmented_clusters: Some(0),
