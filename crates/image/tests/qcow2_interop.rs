@@ -102,9 +102,17 @@ async fn assert_check_agrees(path: &Path) {
     assert_eq!(r.corruptions, field("corruptions").unwrap_or(0), "{q}");
     assert_eq!(r.leaks, field("leaks").unwrap_or(0), "{q}");
     assert_eq!(r.image_end_offset, field("image-end-offset"), "{q}");
-    assert_eq!(r.total_clusters, field("total-clusters"), "{q}");
-    assert_eq!(r.allocated_clusters, field("allocated-clusters"), "{q}");
-    // qemu-img leaves these out of the JSON when they are zero.
+    // qemu-img leaves the cluster counters out of the JSON when they are zero.
+    assert_eq!(
+        r.total_clusters.unwrap_or(0),
+        field("total-clusters").unwrap_or(0),
+        "{q}"
+    );
+    assert_eq!(
+        r.allocated_clusters.unwrap_or(0),
+        field("allocated-clusters").unwrap_or(0),
+        "{q}"
+    );
     assert_eq!(
         r.fragmented_clusters.unwrap_or(0),
         field("fragmented-clusters").unwrap_or(0),
@@ -921,4 +929,51 @@ async fn hostile_l2_offsets_are_reported_not_allocated() {
     assert!(r.corruptions >= 1, "{:?}", r.messages);
     // Reading it fails cleanly or reads zeros; it never panics.
     let _ = img.read(0, 65536).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn images_we_create_are_what_qemu_img_expects() {
+    let dir = tempfile::tempdir().unwrap();
+    for cluster in [512u64, 65536, 2 << 20] {
+        for size in [0u64, 1, 512, (1 << 20) + 1, 3 << 30] {
+            let path = dir.path().join(format!("c-{cluster}-{size}.qcow2"));
+            image::create(
+                &path,
+                FormatKind::Qcow2,
+                &CreateOptions {
+                    size: Some(size),
+                    cluster_size: Some(cluster),
+                    ..CreateOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+            let c = qemu_check(&path);
+            assert_eq!(c["leaks"].as_u64().unwrap_or(0), 0, "{cluster} {size}: {c}");
+            let info: serde_json::Value =
+                serde_json::from_str(&run("qemu-img", &["info", "--output=json", p(&path)]))
+                    .unwrap();
+            let rounded = size.next_multiple_of(512);
+            assert_eq!(info["virtual-size"].as_u64(), Some(rounded), "{info}");
+            assert_eq!(info["cluster-size"].as_u64(), Some(cluster), "{info}");
+            assert_eq!(info["format-specific"]["data"]["compat"], "1.1");
+            assert_check_agrees(&path).await;
+        }
+    }
+    // Cluster sizes outside 512 B..2 MiB are refused.
+    for bad in [256u64, 4 << 20, 3000] {
+        let path = dir.path().join(format!("bad-{bad}.qcow2"));
+        let e = image::create(
+            &path,
+            FormatKind::Qcow2,
+            &CreateOptions {
+                size: Some(1 << 20),
+                cluster_size: Some(bad),
+                ..CreateOptions::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("cluster size"), "{e}");
+    }
 }

@@ -787,7 +787,9 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
         )));
     }
     let cluster_bits = cs.trailing_zeros();
-    let size = opts.size;
+    // Whole 512-byte sectors, as qemu-img create rounds (qemu reads a size
+    // that is not a sector multiple rounded down).
+    let size = opts.size.min(u64::MAX - 511).next_multiple_of(512);
     if size > (1u64 << 62) {
         return Err(Error::InvalidInput(format!(
             "{}: size {size} is above 2^62",
@@ -802,7 +804,7 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
             header::MAX_L1_BYTES
         )));
     }
-    let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
+    let l1_clusters = (l1_entries * 8).div_ceil(cs);
     let per_block = cs * 8 / 16;
     // header + reftable + refblocks + L1, sized until it covers itself.
     let (mut rt_clusters, mut rb_count) = (1u64, 1u64);
