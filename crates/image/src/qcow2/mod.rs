@@ -76,6 +76,11 @@ pub(crate) struct Meta {
     /// Host clusters `(offset, count)` whose references were dropped from L2
     /// tables that are not durable yet.
     pending_frees: Vec<(u64, u64)>,
+    /// Nesting depth of refcount-structure changes in progress (a refcount
+    /// table move, new refcount blocks not counted yet). Meanwhile a flush
+    /// (cache eviction) writes refcount blocks only: no table entry, header
+    /// or L2 entry may become durable before the blocks it needs are counted.
+    rc_critical: u32,
     /// Reads hold this shared from their lookup to the end of their data
     /// I/O; queued frees are applied under it exclusively, so a cluster is
     /// never handed to a new owner while a read of its old content runs.
@@ -270,6 +275,9 @@ impl Meta {
             return Ok(());
         }
         let mut wrote = self.write_dirty_refblocks()?;
+        if self.rc_critical > 0 {
+            return self.sync();
+        }
         if !self.reftable_dirty.is_empty() {
             if wrote {
                 self.sync()?;
@@ -467,6 +475,7 @@ impl Qcow2 {
             rb: TableCache::new(l2_tables / 4),
             free_hint: 0,
             pending_frees: Vec::new(),
+            rc_critical: 0,
             gate: Arc::clone(&gate),
         };
         let q = Qcow2 {

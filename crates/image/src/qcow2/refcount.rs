@@ -169,12 +169,17 @@ impl Meta {
             // New blocks go in front of the data, contiguous, so a large
             // allocation stays one run; then they are counted themselves.
             let k = missing.len() as u64;
+            // A flush between publishing the new blocks and counting them
+            // would make table entries durable that point at uncounted
+            // clusters (stays raised on error, see `rc_critical`).
+            self.rc_critical += 1;
             for (j, &idx) in missing.iter().enumerate() {
                 self.create_refblock(idx, (start + j as u64) << self.cluster_bits)?;
             }
             for c in start..start + k + n {
                 self.change_refcount(c, true)?;
             }
+            self.rc_critical -= 1;
             if start == self.free_hint {
                 self.free_hint = start + k + n;
             }
@@ -257,6 +262,10 @@ impl Meta {
                 ),
             });
         }
+        // Until the header switch, flushes write refcount blocks only. On an
+        // error this stays raised: nothing that needs the new table may
+        // become durable.
+        self.rc_critical += 1;
         self.reftable.resize(entries as usize, 0);
         let new_off = self.alloc_clusters(clusters)?;
         // Blocks first, then the table that points at them, then the header.
@@ -272,6 +281,7 @@ impl Meta {
         h.refcount_table_offset = new_off;
         h.refcount_table_clusters = clusters as u32;
         self.write_header(&h)?;
+        self.rc_critical -= 1;
         self.reftable_dirty.clear();
         // The header no longer points at the old table: free it.
         for i in 0..old_clusters {
