@@ -173,14 +173,6 @@ fn power_loss_states(cluster: u64, size: u64, max_write: u64, seed: u64) {
             Err(e) => panic!("trial {trial} (log {k}/{}): open failed: {e}", log.len()),
         };
         let r = img.check(None).unwrap();
-        if r.corruptions > 0 {
-            std::fs::write("/tmp/pl_state.qcow2", &state).unwrap();
-            let mut prev = Vec::new();
-            for op in &log[..last_flush] {
-                apply(&mut prev, op);
-            }
-            std::fs::write("/tmp/pl_flushed.qcow2", &prev).unwrap();
-        }
         assert_eq!(
             r.corruptions,
             0,
