@@ -268,6 +268,19 @@ impl Meta {
         }
     }
 
+    /// Outside a request, a raised `rc_critical` means a refcount update
+    /// failed half-way: flushing could no longer honour its promise.
+    fn ensure_consistent(&self) -> Result<()> {
+        if self.rc_critical > 0 {
+            return Err(self.corrupt(
+                "an earlier refcount update failed half-way; metadata can no longer be \
+                 flushed (reopen the image; qemu-img check -r leaks)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Writes every dirty table in crash-safe order and syncs; then applies
     /// the queued frees (whose refcount blocks go out with the next flush).
     fn flush_meta(&mut self) -> Result<()> {
@@ -1096,12 +1109,15 @@ impl Format for Qcow2 {
         if !self.writable {
             return Ok(());
         }
-        self.lock().flush_meta()
+        let mut m = self.lock();
+        m.ensure_consistent()?;
+        m.flush_meta()
     }
 
     fn set_backing(&self, backing: Option<&BackingSpec>) -> Result<()> {
         self.ensure_writable()?;
         let mut m = self.lock();
+        m.ensure_consistent()?;
         m.flush_meta()?;
         let mut h = m.h.clone();
         h.backing_name = backing.map(|b| b.name.clone());
@@ -1167,6 +1183,7 @@ impl Format for Qcow2 {
             return Ok(());
         }
         let mut m = self.lock();
+        m.ensure_consistent()?;
         m.flush_meta()?;
         // The frees applied by the first flush dirtied refcount blocks.
         m.flush_meta()
