@@ -960,6 +960,30 @@ async fn images_we_create_are_what_qemu_img_expects() {
             assert_check_agrees(&path).await;
         }
     }
+    // 512-byte clusters with a backing: the header still fits (qemu drops
+    // the feature name table then, and so do we).
+    std::fs::write(dir.path().join("b.raw"), vec![5u8; 1 << 20]).unwrap();
+    let path = dir.path().join("c-512-backed.qcow2");
+    image::create(
+        &path,
+        FormatKind::Qcow2,
+        &CreateOptions {
+            size: Some(1 << 20),
+            cluster_size: Some(512),
+            backing: Some(image::BackingSpec {
+                name: "b.raw".into(),
+                format: Some("raw".into()),
+            }),
+            ..CreateOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    qemu_check(&path);
+    let info: serde_json::Value =
+        serde_json::from_str(&run("qemu-img", &["info", "--output=json", p(&path)])).unwrap();
+    assert_eq!(info["backing-filename"], "b.raw", "{info}");
+    assert_eq!(read_all(&path).await, vec![5u8; 1 << 20]);
     // Cluster sizes outside 512 B..2 MiB are refused.
     for bad in [256u64, 4 << 20, 3000] {
         let path = dir.path().join(format!("bad-{bad}.qcow2"));
