@@ -1001,3 +1001,50 @@ async fn images_we_create_are_what_qemu_img_expects() {
         assert!(e.to_string().contains("cluster size"), "{e}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn map_agrees_with_qemu_img_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("map.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", p(&path), "8M"]);
+    qemu_io(
+        &path,
+        &[
+            "write -P 1 0 256k",
+            "write -z 64k 64k",
+            "write -z -u 128k 64k",
+            "write -z 1M 128k",
+            "write -P 2 3M 64k",
+            "write -P 3 2M 64k",
+        ],
+    );
+    let q: serde_json::Value =
+        serde_json::from_str(&run("qemu-img", &["map", "--output=json", p(&path)])).unwrap();
+    let img = image::open(&path, &OpenOptions::default()).await.unwrap();
+    let ours = img.format().map(0, 8 << 20).unwrap();
+    let theirs: Vec<(u64, u64, bool, bool, Option<u64>)> = q
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["present"].as_bool().unwrap(),
+                e["zero"].as_bool().unwrap(),
+                e.get("offset").and_then(|o| o.as_u64()),
+            )
+        })
+        .collect();
+    use image::format::Mapping;
+    let ours: Vec<(u64, u64, bool, bool, Option<u64>)> = ours
+        .iter()
+        .map(|r| match r.mapping {
+            Mapping::Data { host_offset } => (r.offset, r.length, true, false, Some(host_offset)),
+            Mapping::Zero { host_offset } => (r.offset, r.length, true, true, host_offset),
+            Mapping::Unallocated => (r.offset, r.length, false, true, None),
+            Mapping::Compressed => (r.offset, r.length, true, false, None),
+        })
+        .collect();
+    assert_eq!(ours, theirs);
+}
