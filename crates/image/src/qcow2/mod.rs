@@ -1,12 +1,12 @@
 //! qcow2 (QEMU copy-on-write, versions 2 and 3): the engine.
 //!
 //! All metadata (header copy, L1 table, refcount table, cached L2 tables and
-//! refcount blocks, queued frees) lives in one [`Meta`] behind one mutex.
+//! refcount blocks, queued frees) lives in one `Meta` behind one mutex.
 //! Requests take it only to look up or change metadata, and do data I/O
 //! without it, so reads of allocated clusters and writes to disjoint ranges
 //! run in parallel. Metadata is written back lazily, in the order that keeps
 //! the image crash consistent (DESIGN.md invariant 2), by
-//! [`Meta::flush_meta`]: dirty refcount blocks, sync, refcount table, sync
+//! `Meta::flush_meta`: dirty refcount blocks, sync, refcount table, sync
 //! (which also makes the data of new clusters durable), dirty L2 tables,
 //! sync, L1 table, sync. Clusters freed by a request are only queued, and
 //! their refcounts drop after the L2 change that released them is durable,
