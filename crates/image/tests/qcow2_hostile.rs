@@ -62,3 +62,40 @@ fn mutated_metadata_never_panics() {
         let _ = q.format_specific();
     }
 }
+
+#[test]
+fn writes_to_mutated_images_never_panic() {
+    let base = small_image();
+    let mut rng = StdRng::seed_from_u64(5);
+    let meta_end = (6 * 4096).min(base.len());
+    for _ in 0..300 {
+        let mut img = base.clone();
+        for _ in 0..rng.random_range(1..4) {
+            let at = rng.random_range(0..meta_end);
+            img[at] = rng.random();
+        }
+        let st = Arc::new(MemStorage::from_bytes("mutated.qcow2", img));
+        let opts = Qcow2Options {
+            writable: true,
+            cache_bytes: Some(4096 * 4),
+        };
+        let Ok(q) = Qcow2::open(st as Arc<dyn Storage>, &opts) else {
+            continue;
+        };
+        let size = q.virtual_size();
+        if size < 65536 {
+            continue;
+        }
+        for i in 0..6u64 {
+            let off = rng.random_range(0..size / 4096 - 8) * 4096;
+            let _ = match i % 3 {
+                0 => q.write(off + 100, &[7u8; 9000], &[]),
+                1 => q.write_zeroes(off, 8192, i % 2 == 0, true),
+                _ => q.discard(off, 4096, false),
+            };
+        }
+        let _ = q.flush();
+        let _ = q.check(None);
+        let _ = q.close();
+    }
+}

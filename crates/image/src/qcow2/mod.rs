@@ -183,6 +183,7 @@ impl Meta {
             )));
         }
         if !self.l2.contains(off) {
+            self.check_within_file(off, "L2 table")?;
             if self.l2.full_of_dirty() {
                 self.flush_meta()?;
             }
@@ -192,6 +193,19 @@ impl Meta {
             }
         }
         Ok(Some(off))
+    }
+
+    /// Tables and data found through metadata must start inside the file:
+    /// a damaged or hostile offset is an error, never a write far past the
+    /// end.
+    fn check_within_file(&self, off: u64, what: &str) -> Result<()> {
+        let len = self.st.len().map_err(|e| self.io("stat", e))?;
+        if off >= len {
+            return Err(self.corrupt(format!(
+                "{what} at offset {off:#x} is beyond the end of the file ({len} bytes)"
+            )));
+        }
+        Ok(())
     }
 
     /// The L2 entry of guest cluster `c`.
@@ -457,6 +471,26 @@ impl Qcow2 {
             }
         }
         let cs = 1u64 << cluster_bits;
+        if writable {
+            // Tables are written in place: they must lie inside the file.
+            let len = storage.len().map_err(|e| Error::io(&path, "stat", e))?;
+            let l1_end = h.l1_table_offset + u64::from(h.l1_size) * 8;
+            let rt_end = h.refcount_table_offset + u64::from(h.refcount_table_clusters) * cs;
+            if (h.l1_size > 0 && l1_end > len)
+                || h.refcount_table_offset >= len
+                || rt_end > len + cs
+            {
+                return Err(Error::InvalidImage {
+                    path,
+                    format: "qcow2",
+                    message: format!(
+                        "L1 table ({:#x}..{l1_end:#x}) or refcount table ({:#x}..{rt_end:#x}) \
+                         extends past the end of the file ({len} bytes)",
+                        h.l1_table_offset, h.refcount_table_offset
+                    ),
+                });
+            }
+        }
         let l1 = read_u64s(
             &*storage,
             &path,
@@ -986,6 +1020,13 @@ impl Format for Qcow2 {
             let mut plan = Vec::with_capacity((last - first + 1) as usize);
             for c in first..=last {
                 let e = m.lookup(c)?;
+                if let L2Entry::Normal { host, .. }
+                | L2Entry::Zero {
+                    host: Some(host), ..
+                } = e
+                {
+                    m.check_within_file(host, "data cluster")?;
+                }
                 let (host, source) = match e {
                     L2Entry::Normal { host, copied: true } => (host, Source::InPlace),
                     L2Entry::Zero {

@@ -79,6 +79,7 @@ impl Meta {
                 "refcount block offset {off:#x} is not cluster aligned"
             )));
         }
+        self.check_within_file(off, "refcount block")?;
         if self.rb.full_of_dirty() {
             self.flush_meta()?;
             // The flush applies queued frees, which may have loaded (and
@@ -169,6 +170,7 @@ impl Meta {
             // New blocks go in front of the data, contiguous, so a large
             // allocation stays one run; then they are counted themselves.
             let k = missing.len() as u64;
+            self.check_no_overlap(start, k + n)?;
             // A flush between publishing the new blocks and counting them
             // would make table entries durable that point at uncounted
             // clusters (stays raised on error, see `rc_critical`).
@@ -185,6 +187,31 @@ impl Meta {
             }
             return Ok((start + k) << self.cluster_bits);
         }
+    }
+
+    /// Refuses to hand out clusters that hold metadata (possible only when
+    /// refcounts are wrong: a damaged or hostile image), as qemu's overlap
+    /// checks do, instead of overwriting the header or a table.
+    fn check_no_overlap(&self, start: u64, n: u64) -> Result<()> {
+        let cb = self.cluster_bits;
+        let cs = self.cluster_size();
+        let end = start + n;
+        let overlaps =
+            |off: u64, len: u64| len > 0 && (off >> cb) < end && start < (off + len).div_ceil(cs);
+        let rt_len = u64::from(self.h.refcount_table_clusters) * cs;
+        let l1_len = u64::from(self.h.l1_size) * 8;
+        let cached = (start..end).any(|c| self.l2.contains(c << cb) || self.rb.contains(c << cb));
+        if start == 0
+            || overlaps(self.h.refcount_table_offset, rt_len)
+            || overlaps(self.h.l1_table_offset, l1_len)
+            || cached
+        {
+            return Err(self.corrupt(format!(
+                "clusters {start}..{end} have refcount zero but hold metadata; refcounts are \
+                 wrong (run qemu-img check -r all)"
+            )));
+        }
+        Ok(())
     }
 
     /// The first run of `n` clusters with refcount zero at or after the
