@@ -12,6 +12,12 @@ use image::format::Repair;
 use image::{BlockDevice, CreateOptions, FormatKind, OpenOptions, WriteFlags};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
+fn random_bytes(rng: &mut StdRng, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v[..]);
+    v
+}
+
 fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().expect("spawn");
     assert!(
@@ -200,7 +206,7 @@ async fn reads_compressed_clusters() {
     for _ in 0..40 {
         let len = rng.random_range(1..20000usize);
         let off = rng.random_range(0..(16u64 << 20) - len as u64);
-        let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        let data = random_bytes(&mut rng, len);
         model[off as usize..off as usize + len].copy_from_slice(&data);
         img.write(off, Bytes::from(data), WriteFlags::default())
             .await
@@ -218,7 +224,7 @@ async fn reads_backing_chain_of_depth_3() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.raw");
     let mut rng = StdRng::seed_from_u64(11);
-    let base_data: Vec<u8> = (0..(8 << 20)).map(|_| rng.random()).collect();
+    let base_data = random_bytes(&mut rng, (8 << 20) as usize);
     std::fs::write(&base, &base_data).unwrap();
     let mid = dir.path().join("mid.qcow2");
     let top = dir.path().join("top.qcow2");
@@ -276,13 +282,25 @@ async fn reads_backing_chain_of_depth_3() {
 /// Random writes, write-zeroes and discards through `Image`, mirrored in a
 /// flat model; then qemu-img check and compare.
 async fn model_run(dir: &Path, cluster: u64, backing: bool, seed: u64) {
-    let size: u64 = 24 << 20;
-    let path = dir.join(format!("ours-{cluster}-{backing}.qcow2"));
+    model_run_with(dir, cluster, backing, seed, 24 << 20, None).await
+}
+
+/// `qemu_compat`: create the image with qemu-img at that compat level
+/// instead of with diskstream.
+async fn model_run_with(
+    dir: &Path,
+    cluster: u64,
+    backing: bool,
+    seed: u64,
+    size: u64,
+    qemu_compat: Option<&str>,
+) {
+    let path = dir.join(format!("ours-{cluster}-{backing}-{seed}.qcow2"));
     let mut model = vec![0u8; size as usize];
     let mut rng = StdRng::seed_from_u64(seed);
     let backing_spec = if backing {
         let b = dir.join(format!("base-{cluster}.raw"));
-        let data: Vec<u8> = (0..size - (1 << 20)).map(|_| rng.random()).collect();
+        let data = random_bytes(&mut rng, (size - (1 << 20)) as usize);
         model[..data.len()].copy_from_slice(&data);
         std::fs::write(&b, &data).unwrap();
         Some(image::BackingSpec {
@@ -292,23 +310,40 @@ async fn model_run(dir: &Path, cluster: u64, backing: bool, seed: u64) {
     } else {
         None
     };
-    image::create(
-        &path,
-        FormatKind::Qcow2,
-        &CreateOptions {
-            size: Some(size),
-            backing: backing_spec,
-            cluster_size: Some(cluster),
-            ..CreateOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    if let Some(compat) = qemu_compat {
+        let mut args = vec![
+            "create".to_string(),
+            "-q".into(),
+            "-f".into(),
+            "qcow2".into(),
+            "-o".into(),
+            format!("compat={compat},cluster_size={cluster}"),
+        ];
+        if let Some(b) = &backing_spec {
+            args.extend(["-b".into(), b.name.clone(), "-F".into(), "raw".into()]);
+        }
+        args.extend([p(&path).to_string(), size.to_string()]);
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        run("qemu-img", &args);
+    } else {
+        image::create(
+            &path,
+            FormatKind::Qcow2,
+            &CreateOptions {
+                size: Some(size),
+                backing: backing_spec,
+                cluster_size: Some(cluster),
+                ..CreateOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
     let img = image::open(
         &path,
         &OpenOptions {
             writable: true,
-            metadata_cache_bytes: Some(cluster * 8),
+            metadata_cache_bytes: Some(cluster * 32),
             ..OpenOptions::default()
         },
     )
@@ -320,7 +355,7 @@ async fn model_run(dir: &Path, cluster: u64, backing: bool, seed: u64) {
         let off = rng.random_range(0..size - len);
         match rng.random_range(0..10) {
             0..=5 => {
-                let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                let data = random_bytes(&mut rng, len as usize);
                 model[off as usize..(off + len) as usize].copy_from_slice(&data);
                 img.write(off, Bytes::from(data), WriteFlags::default())
                     .await
@@ -333,10 +368,16 @@ async fn model_run(dir: &Path, cluster: u64, backing: bool, seed: u64) {
             8 => {
                 // Discard only changes content of whole clusters.
                 let s = off.next_multiple_of(cluster);
-                let e = (off + len) / cluster * cluster;
+                let e = if off + len == size {
+                    size
+                } else {
+                    (off + len) / cluster * cluster
+                };
                 img.discard(off, len).await.unwrap();
                 // v3: zero clusters with a backing, holes without: zeros.
-                if e > s {
+                // v2 with a backing has neither: discard leaves the data.
+                let v2 = qemu_compat == Some("0.10");
+                if e > s && !(v2 && backing) {
                     model[s as usize..e as usize].fill(0);
                 }
             }
@@ -382,6 +423,17 @@ async fn our_writes_pass_qemu_check_and_compare() {
     model_run(dir.path(), 65536, true, 2).await;
     model_run(dir.path(), 512, false, 3).await;
     model_run(dir.path(), 4096, true, 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn our_writes_to_v2_and_unaligned_images_pass_qemu_check() {
+    let dir = tempfile::tempdir().unwrap();
+    // v2 has no zero clusters: write-zeroes over a backing writes zeros.
+    model_run_with(dir.path(), 65536, true, 5, 16 << 20, Some("0.10")).await;
+    model_run_with(dir.path(), 65536, false, 6, 16 << 20, Some("0.10")).await;
+    // A size that is not a multiple of the cluster size.
+    model_run_with(dir.path(), 65536, true, 7, (16 << 20) + 4608, None).await;
+    model_run_with(dir.path(), 4096, false, 8, (8 << 20) + 1536, Some("1.1")).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -69,15 +69,25 @@ impl TableCache {
     /// The caller checks [`TableCache::full_of_dirty`] first; if every table
     /// is dirty the cache grows by one rather than lose data.
     pub fn insert(&mut self, offset: u64, data: Box<[u8]>, dirty: bool) {
+        debug_assert!(
+            self.slots.get(&offset).is_none_or(|s| !s.dirty),
+            "a dirty table at {offset:#x} would be replaced"
+        );
         if self.slots.len() >= self.capacity && !self.slots.contains_key(&offset) {
-            let victim = self
+            // Drop the oldest eighth of the clean tables at once, so a full
+            // cache does not scan every slot on every insert.
+            let mut clean: Vec<(u64, u64)> = self
                 .slots
                 .iter()
                 .filter(|(_, s)| !s.dirty)
-                .min_by_key(|(_, s)| s.used)
-                .map(|(k, _)| *k);
-            if let Some(v) = victim {
-                self.slots.remove(&v);
+                .map(|(k, s)| (s.used, *k))
+                .collect();
+            let n = (self.capacity / 8).max(1).min(clean.len());
+            if n > 0 {
+                clean.select_nth_unstable(n - 1);
+                for (_, k) in &clean[..n] {
+                    self.slots.remove(k);
+                }
             }
         }
         self.clock += 1;

@@ -305,6 +305,22 @@ pub(super) fn check(m: &mut Meta, repair: Option<Repair>) -> Result<CheckReport>
 fn rebuild_refcounts(m: &mut Meta, mut refs: Vec<u64>) -> Result<()> {
     let cb = m.cluster_bits;
     let cs = 1u64 << cb;
+    // The old refcount structure is dropped with the header switch: its
+    // clusters must not keep the references the walk gave them.
+    let mut drop_ref = |off: u64| {
+        if let Some(r) = refs.get_mut((off >> cb) as usize) {
+            *r = r.saturating_sub(1);
+        }
+    };
+    for i in 0..u64::from(m.h.refcount_table_clusters) {
+        drop_ref(m.h.refcount_table_offset + i * cs);
+    }
+    for &e in &m.reftable {
+        let off = e & !0x1ff;
+        if off != 0 && off % cs == 0 {
+            drop_ref(off);
+        }
+    }
     let order = m.h.refcount_order;
     let per_block = (cs * 8) >> order;
     let file_clusters = m.st.len().map_err(|e| m.io("stat", e))?.div_ceil(cs);

@@ -21,7 +21,7 @@ mod refcount;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::format::{BackingSpec, CheckReport, CowFill, Format, MappedRange, Mapping, Repair};
 use crate::storage::Storage;
@@ -76,6 +76,10 @@ pub(crate) struct Meta {
     /// Host clusters `(offset, count)` whose references were dropped from L2
     /// tables that are not durable yet.
     pending_frees: Vec<(u64, u64)>,
+    /// Reads hold this shared from their lookup to the end of their data
+    /// I/O; queued frees are applied under it exclusively, so a cluster is
+    /// never handed to a new owner while a read of its old content runs.
+    gate: Arc<RwLock<()>>,
 }
 
 /// An open qcow2 image.
@@ -87,7 +91,9 @@ pub struct Qcow2 {
     cluster_bits: u32,
     size: u64,
     version: u32,
+    compression_type: u8,
     meta: Mutex<Meta>,
+    gate: Arc<RwLock<()>>,
     closed: AtomicBool,
 }
 
@@ -175,8 +181,10 @@ impl Meta {
             if self.l2.full_of_dirty() {
                 self.flush_meta()?;
             }
-            let data = self.read_table(off)?;
-            self.l2.insert(off, data, false);
+            if !self.l2.contains(off) {
+                let data = self.read_table(off)?;
+                self.l2.insert(off, data, false);
+            }
         }
         Ok(Some(off))
     }
@@ -301,6 +309,13 @@ impl Meta {
         }
         self.sync()?;
         // The L2 changes that dropped these references are durable now.
+        // Reads that looked up the old entries finish first (a nested flush
+        // finds the queue empty and does not take the gate again).
+        if self.pending_frees.is_empty() {
+            return Ok(());
+        }
+        let gate = Arc::clone(&self.gate);
+        let _no_reads = gate.write().unwrap_or_else(|e| e.into_inner());
         let frees = std::mem::take(&mut self.pending_frees);
         for (off, count) in frees {
             for i in 0..count {
@@ -437,6 +452,7 @@ impl Qcow2 {
         )?;
         let cache_bytes = opts.cache_bytes.unwrap_or(DEFAULT_CACHE_BYTES);
         let l2_tables = (cache_bytes / cs) as usize;
+        let gate = Arc::new(RwLock::new(()));
         let meta = Meta {
             st: Arc::clone(&storage),
             path: path.clone(),
@@ -451,6 +467,7 @@ impl Qcow2 {
             rb: TableCache::new(l2_tables / 4),
             free_hint: 0,
             pending_frees: Vec::new(),
+            gate: Arc::clone(&gate),
         };
         let q = Qcow2 {
             storage,
@@ -459,7 +476,9 @@ impl Qcow2 {
             cluster_bits,
             size: h.size,
             version: h.version,
+            compression_type: h.compression_type,
             meta: Mutex::new(meta),
+            gate,
             closed: AtomicBool::new(false),
         };
         if writable && h.incompatible_features & header::INCOMPAT_DIRTY != 0 {
@@ -508,7 +527,15 @@ impl Qcow2 {
     /// `(first cluster, count, entry of the first)`; runs of unallocated
     /// clusters without an L2 table come back as one run.
     fn entries(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, L2Entry)>> {
-        let mut m = self.lock();
+        self.entries_locked(&mut self.lock(), offset, len)
+    }
+
+    fn entries_locked(
+        &self,
+        m: &mut Meta,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, u64, L2Entry)>> {
         let first = offset >> self.cluster_bits;
         let end = (offset + len).div_ceil(self.cluster_size());
         let mut out: Vec<(u64, u64, L2Entry)> = Vec::new();
@@ -526,14 +553,61 @@ impl Qcow2 {
         Ok(out)
     }
 
+    /// The entries of `[offset, offset + len)` as merged mapped ranges.
+    fn ranges(&self, entries: &[(u64, u64, L2Entry)], offset: u64, len: u64) -> Vec<MappedRange> {
+        let cs = self.cluster_size();
+        let end = offset + len;
+        let mut out: Vec<MappedRange> = Vec::new();
+        for &(c, n, e) in entries {
+            let start = (c * cs).max(offset);
+            let stop = ((c + n) * cs).min(end);
+            let within = start - c * cs;
+            let mapping = match e {
+                L2Entry::Unallocated => Mapping::Unallocated,
+                L2Entry::Zero { host, .. } => Mapping::Zero {
+                    host_offset: host.map(|h| h + within),
+                },
+                L2Entry::Normal { host, .. } => Mapping::Data {
+                    host_offset: host + within,
+                },
+                L2Entry::Compressed { .. } => Mapping::Compressed,
+            };
+            let r = MappedRange {
+                offset: start,
+                length: stop - start,
+                mapping,
+            };
+            if let Some(last) = out.last_mut() {
+                let contiguous = match (last.mapping, r.mapping) {
+                    (Mapping::Data { host_offset: a }, Mapping::Data { host_offset: b }) => {
+                        a + last.length == b
+                    }
+                    (
+                        Mapping::Zero {
+                            host_offset: Some(a),
+                        },
+                        Mapping::Zero {
+                            host_offset: Some(b),
+                        },
+                    ) => a + last.length == b,
+                    (x, y) => x == y,
+                };
+                if contiguous {
+                    last.length += r.length;
+                    continue;
+                }
+            }
+            out.push(r);
+        }
+        out
+    }
+
     /// Reads and inflates the compressed cluster `e` into `out` (one cluster).
     fn read_compressed(&self, e: L2Entry, out: &mut [u8]) -> Result<()> {
         let L2Entry::Compressed { host, len } = e else {
             unreachable!("read_compressed on a non-compressed entry");
         };
-        let m = self.lock();
-        let ctype = m.h.compression_type;
-        drop(m);
+        let ctype = self.compression_type;
         if ctype != 0 {
             return Err(unsupported(
                 &self.path,
@@ -811,58 +885,22 @@ impl Format for Qcow2 {
 
     fn map(&self, offset: u64, len: u64) -> Result<Vec<MappedRange>> {
         self.check_range(offset, len)?;
-        let cs = self.cluster_size();
-        let end = offset + len;
-        let mut out: Vec<MappedRange> = Vec::new();
-        for (c, n, e) in self.entries(offset, len)? {
-            let start = (c * cs).max(offset);
-            let stop = ((c + n) * cs).min(end);
-            let within = start - c * cs;
-            let mapping = match e {
-                L2Entry::Unallocated => Mapping::Unallocated,
-                L2Entry::Zero { host, .. } => Mapping::Zero {
-                    host_offset: host.map(|h| h + within),
-                },
-                L2Entry::Normal { host, .. } => Mapping::Data {
-                    host_offset: host + within,
-                },
-                L2Entry::Compressed { .. } => Mapping::Compressed,
-            };
-            let r = MappedRange {
-                offset: start,
-                length: stop - start,
-                mapping,
-            };
-            if let Some(last) = out.last_mut() {
-                let contiguous = match (last.mapping, r.mapping) {
-                    (Mapping::Data { host_offset: a }, Mapping::Data { host_offset: b }) => {
-                        a + last.length == b
-                    }
-                    (
-                        Mapping::Zero {
-                            host_offset: Some(a),
-                        },
-                        Mapping::Zero {
-                            host_offset: Some(b),
-                        },
-                    ) => a + last.length == b,
-                    (x, y) => x == y,
-                };
-                if contiguous {
-                    last.length += r.length;
-                    continue;
-                }
-            }
-            out.push(r);
-        }
-        Ok(out)
+        Ok(self.ranges(&self.entries(offset, len)?, offset, len))
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<Vec<(u64, u64)>> {
         self.check_range(offset, buf.len() as u64)?;
+        let len = buf.len() as u64;
+        let (ranges, entries, _reading) = {
+            let mut m = self.lock();
+            let entries = self.entries_locked(&mut m, offset, len)?;
+            let gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
+            (self.ranges(&entries, offset, len), entries, gate)
+        };
         let mut holes: Vec<(u64, u64)> = Vec::new();
         let mut cluster_buf = Vec::new();
-        for r in self.map(offset, buf.len() as u64)? {
+        let cs = self.cluster_size();
+        for r in ranges {
             let at = (r.offset - offset) as usize;
             let dst = &mut buf[at..at + r.length as usize];
             match r.mapping {
@@ -873,12 +911,15 @@ impl Format for Qcow2 {
                 Mapping::Zero { .. } => dst.fill(0),
                 Mapping::Unallocated => holes.push((r.offset, r.length)),
                 Mapping::Compressed => {
-                    let cs = self.cluster_size();
                     let mut pos = r.offset;
                     while pos < r.offset + r.length {
                         let c = pos / cs;
                         let n = ((c + 1) * cs).min(r.offset + r.length) - pos;
-                        let e = self.lock().lookup(c)?;
+                        let e = entries
+                            .iter()
+                            .find(|(first, count, _)| (*first..first + count).contains(&c))
+                            .map(|(_, _, e)| *e)
+                            .expect("entries cover the range");
                         cluster_buf.resize(cs as usize, 0);
                         self.read_compressed(e, &mut cluster_buf)?;
                         let from = (pos - c * cs) as usize;

@@ -1,13 +1,12 @@
 //! Refcounts: reading and writing entries of any width, cluster allocation,
 //! refcount-block creation and refcount-table growth.
 //!
-//! The decision to know: a new refcount block for block index `i` is placed
-//! at the first cluster it describes (`i * entries_per_block`). A missing
-//! block means every cluster in its range has refcount zero, so that cluster
-//! is free, and the block covers itself: allocation never recurses. When the
-//! refcount table itself is full it is copied to a larger place, written and
-//! synced, and the header switched to it in one write before the old table
-//! is freed.
+//! The decision to know: an allocation reserves, in front of its run, one
+//! cluster for every refcount block its run (and those clusters) need but
+//! that does not exist yet, so a large allocation stays one contiguous run
+//! and the new blocks count themselves. When the refcount table itself is
+//! full it is copied to a larger place, written and synced, and the header
+//! switched to it in one write before the old table is freed.
 
 use super::Meta;
 use super::header::MAX_REFTABLE_BYTES;
@@ -82,6 +81,11 @@ impl Meta {
         }
         if self.rb.full_of_dirty() {
             self.flush_meta()?;
+            // The flush applies queued frees, which may have loaded (and
+            // changed) this very block: never replace it with a stale copy.
+            if self.rb.contains(off) {
+                return Ok(());
+            }
         }
         let data = self.read_table(off)?;
         self.rb.insert(off, data, false);
@@ -144,52 +148,85 @@ impl Meta {
     /// the first. Their refcounts are raised in the cache (written before any
     /// L2 table that points at them, see `flush_meta`).
     pub(super) fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        let rbb = self.rb_bits();
+        // Clusters reserved in front of the data for refcount blocks that
+        // do not exist yet.
+        let mut extra = 0u64;
         loop {
-            let mut c = self.free_hint;
-            let mut run_start = c;
-            let mut len = 0;
-            while len < n {
-                if self.refcount(c)? == 0 {
-                    if len == 0 {
-                        run_start = c;
-                    }
-                    len += 1;
-                } else {
-                    len = 0;
-                }
-                c += 1;
-            }
-            let first_idx = run_start >> self.rb_bits();
-            let last_idx = (run_start + n - 1) >> self.rb_bits();
-            let missing = (first_idx..=last_idx).find(|&i| {
-                self.reftable
-                    .get(i as usize)
-                    .is_none_or(|e| e & !0x1ff == 0)
-            });
-            if let Some(idx) = missing {
-                // The new block takes a cluster of the run: search again.
-                self.create_refblock(idx)?;
+            let start = self.find_free_run(n + extra)?;
+            let last_idx = (start + n + extra - 1) >> rbb;
+            if last_idx as usize >= self.reftable.len() {
+                self.grow_reftable(last_idx)?;
                 continue;
             }
-            for i in 0..n {
-                self.change_refcount(run_start + i, true)?;
+            let missing: Vec<u64> = ((start >> rbb)..=last_idx)
+                .filter(|&i| self.reftable[i as usize] & !0x1ff == 0)
+                .collect();
+            if missing.len() as u64 > extra {
+                extra = missing.len() as u64;
+                continue;
             }
-            if run_start == self.free_hint {
-                self.free_hint = run_start + n;
+            // New blocks go in front of the data, contiguous, so a large
+            // allocation stays one run; then they are counted themselves.
+            let k = missing.len() as u64;
+            for (j, &idx) in missing.iter().enumerate() {
+                self.create_refblock(idx, (start + j as u64) << self.cluster_bits)?;
             }
-            return Ok(run_start << self.cluster_bits);
+            for c in start..start + k + n {
+                self.change_refcount(c, true)?;
+            }
+            if start == self.free_hint {
+                self.free_hint = start + k + n;
+            }
+            return Ok((start + k) << self.cluster_bits);
         }
     }
 
-    /// Creates the refcount block for block index `idx` at its own first
-    /// cluster (growing the refcount table first when it is too small).
-    fn create_refblock(&mut self, idx: u64) -> Result<()> {
-        if idx as usize >= self.reftable.len() {
-            return self.grow_reftable(idx);
+    /// The first run of `n` clusters with refcount zero at or after the
+    /// free hint. Ranges without a refcount block are free as a whole; blocks
+    /// are scanned in place.
+    fn find_free_run(&mut self, n: u64) -> Result<u64> {
+        let rbb = self.rb_bits();
+        let order = self.h.refcount_order;
+        let mut c = self.free_hint;
+        let mut run_start = c;
+        let mut len = 0u64;
+        while len < n {
+            let block_end = ((c >> rbb) + 1) << rbb;
+            match self.refblock_of(c) {
+                None => {
+                    if len == 0 {
+                        run_start = c;
+                    }
+                    let take = (block_end - c).min(n - len);
+                    len += take;
+                    c += take;
+                }
+                Some(off) => {
+                    self.load_refblock(off)?;
+                    let block = self.rb.peek(off).expect("loaded");
+                    while c < block_end && len < n {
+                        let i = (c & ((1u64 << rbb) - 1)) as usize;
+                        if get_entry(block, order, i) == 0 {
+                            if len == 0 {
+                                run_start = c;
+                            }
+                            len += 1;
+                        } else {
+                            len = 0;
+                        }
+                        c += 1;
+                    }
+                }
+            }
         }
-        let host = (idx << self.rb_bits()) << self.cluster_bits;
-        let mut data = vec![0u8; self.cluster_size() as usize].into_boxed_slice();
-        set_entry(&mut data, self.h.refcount_order, 0, 1);
+        Ok(run_start)
+    }
+
+    /// Creates an empty refcount block for block index `idx` at `host`
+    /// (a free cluster; the caller counts it).
+    fn create_refblock(&mut self, idx: u64, host: u64) -> Result<()> {
+        let data = vec![0u8; self.cluster_size() as usize].into_boxed_slice();
         if self.rb.full_of_dirty() {
             self.flush_meta()?;
         }
