@@ -12,12 +12,15 @@
 use super::Meta;
 use super::entry::{COPIED, L2Entry, OFFSET_MASK, get_be64, l1_table};
 use super::refcount::{max_refcount, set_entry};
+use crate::Result;
 use crate::format::{CheckReport, Repair};
-use crate::{Error, Result};
 
 /// Reference counts computed from the metadata.
 struct Walk {
     refs: Vec<u64>,
+    /// Clusters past this index are not counted but reported: a hostile
+    /// offset must not make the walk allocate terabytes.
+    limit: u64,
     report: CheckReport,
     /// (table offset, index, raw entry, is L1) of active L1/L2 entries with a
     /// host cluster, to compare their COPIED flag with the refcount.
@@ -30,7 +33,14 @@ impl Walk {
             return;
         }
         let first = off >> cluster_bits;
-        let last = (off + len - 1) >> cluster_bits;
+        let last = off.saturating_add(len - 1) >> cluster_bits;
+        if last >= self.limit {
+            self.report.corruptions += 1;
+            self.report.messages.push(format!(
+                "ERROR offset={off:#x} length {len}: reference far beyond the end of the image"
+            ));
+            return;
+        }
         if self.refs.len() <= last as usize {
             self.refs.resize(last as usize + 1, 0);
         }
@@ -120,12 +130,81 @@ fn walk_l1(m: &Meta, w: &mut Walk, l1_off: u64, l1: &[u64], active: bool) -> Res
     Ok(())
 }
 
+/// Same limit as qemu (QCOW2_MAX_BITMAP_DIRECTORY_SIZE).
+const MAX_BITMAP_DIRECTORY: u64 = 1024 * 65536;
+/// Bitmap tables are at most this many entries here (qemu's own bound is
+/// derived from the image size; this one only keeps allocations sane).
+const MAX_BITMAP_TABLE: u32 = 1 << 24;
+
+/// References held by persistent bitmaps: the directory, each bitmap table
+/// and its data clusters. Like qemu, only while the autoclear bit says the
+/// bitmaps extension is valid.
+fn walk_bitmaps(m: &Meta, w: &mut Walk) -> Result<()> {
+    let cb = m.cluster_bits;
+    if m.h.autoclear_features & super::header::AUTOCLEAR_BITMAPS == 0 {
+        return Ok(());
+    }
+    let Some((_, ext)) =
+        m.h.other_extensions
+            .iter()
+            .find(|(ty, _)| *ty == super::header::EXT_BITMAPS)
+    else {
+        return Ok(());
+    };
+    if ext.len() < 24 {
+        return Err(m.corrupt(format!(
+            "bitmaps extension of {} bytes is too short",
+            ext.len()
+        )));
+    }
+    let nb = u32::from_be_bytes(ext[0..4].try_into().expect("4"));
+    let dir_size = u64::from_be_bytes(ext[8..16].try_into().expect("8"));
+    let dir_off = u64::from_be_bytes(ext[16..24].try_into().expect("8"));
+    if dir_size > MAX_BITMAP_DIRECTORY {
+        return Err(m.corrupt(format!(
+            "bitmap directory size {dir_size} is above {MAX_BITMAP_DIRECTORY}"
+        )));
+    }
+    let mut dir = vec![0u8; dir_size as usize];
+    m.st.read_at(&mut dir, dir_off)
+        .map_err(|e| m.io("read bitmap directory", e))?;
+    w.inc(cb, dir_off, dir_size);
+    let mut at = 0usize;
+    for n in 0..nb {
+        if at + 24 > dir.len() {
+            return Err(m.corrupt(format!("bitmap directory entry {n} is past its end")));
+        }
+        let e = &dir[at..at + 24];
+        let table_off = u64::from_be_bytes(e[0..8].try_into().expect("8"));
+        let table_size = u32::from_be_bytes(e[8..12].try_into().expect("4"));
+        let name_size = u16::from_be_bytes(e[18..20].try_into().expect("2"));
+        let extra = u32::from_be_bytes(e[20..24].try_into().expect("4"));
+        if table_size > MAX_BITMAP_TABLE {
+            return Err(m.corrupt(format!(
+                "bitmap {n}: table size {table_size} is above {MAX_BITMAP_TABLE}"
+            )));
+        }
+        w.inc(cb, table_off, u64::from(table_size) * 8);
+        for entry in read_u64s(m, table_off, table_size as usize)? {
+            let off = entry & OFFSET_MASK;
+            if off != 0 {
+                w.inc(cb, off, 1 << cb);
+            }
+        }
+        at += (24 + extra as usize + name_size as usize).next_multiple_of(8);
+    }
+    Ok(())
+}
+
 /// Computes the expected refcounts of every cluster.
 fn walk(m: &Meta) -> Result<Walk> {
     let cb = m.cluster_bits;
     let cs = 1u64 << cb;
+    let file_clusters = m.st.len().map_err(|e| m.io("stat", e))?.div_ceil(cs);
     let mut w = Walk {
         refs: Vec::new(),
+        // 2^20 clusters of slack past the end of the file (8 MiB of counters).
+        limit: file_clusters + (1 << 20),
         report: CheckReport {
             allocated_clusters: Some(0),
             fragmented_clusters: Some(0),
@@ -162,6 +241,7 @@ fn walk(m: &Meta) -> Result<Walk> {
         }
         w.inc(cb, start, off - start);
     }
+    walk_bitmaps(m, &mut w)?;
     w.inc(
         cb,
         m.h.refcount_table_offset,
@@ -194,13 +274,6 @@ fn walk(m: &Meta) -> Result<Walk> {
 
 /// One check pass; with `repair`, fixes what it may and says how much.
 fn check_once(m: &mut Meta, repair: Option<Repair>) -> Result<(CheckReport, Vec<u64>)> {
-    if m.h.has_bitmaps_ext {
-        return Err(Error::Unsupported {
-            path: m.path.clone(),
-            format: "qcow2",
-            feature: "checking images with persistent bitmaps".into(),
-        });
-    }
     let cs = m.cluster_size();
     let mut w = walk(m)?;
     let file_len = m.st.len().map_err(|e| m.io("stat", e))?;

@@ -481,6 +481,14 @@ impl Qcow2 {
             gate,
             closed: AtomicBool::new(false),
         };
+        if writable && h.autoclear_features != 0 {
+            // Autoclear bits name extensions a writer that does not keep
+            // them up to date must invalidate (bitmaps were refused above).
+            let mut m = q.lock();
+            let mut h = m.h.clone();
+            h.autoclear_features = 0;
+            m.write_header(&h)?;
+        }
         if writable && h.incompatible_features & header::INCOMPAT_DIRTY != 0 {
             // Refcounts may be stale (lazy refcounts): rebuild before use.
             q.check(Some(Repair::All))?;
@@ -742,7 +750,12 @@ impl Qcow2 {
         let mut c = first;
         while c < end {
             let skip = m.unmapped_span(c);
-            if skip > 0 && target(L2Entry::Unallocated).is_none() {
+            if skip > 0
+                && matches!(
+                    target(L2Entry::Unallocated),
+                    None | Some(L2Entry::Unallocated)
+                )
+            {
                 c += skip;
                 continue;
             }
