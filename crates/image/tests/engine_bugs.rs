@@ -169,9 +169,10 @@ async fn whole_device_write_512b() {
     .unwrap();
 }
 
-/// qcow2/check.rs walk: check() sizes its per-cluster table by the largest
-/// metadata offset it meets, so a refcount table offset of ~2^60 asks for
-/// petabytes and aborts the process. Run in a child process (this test
+/// qcow2/check.rs walk: check() sized its per-cluster table by the largest
+/// metadata offset it met, so a refcount table offset of ~2^60 asked for
+/// petabytes and aborted the process (found by the fuzz corpus; fixed on
+/// the qcow2 branch by 1dcd028, kept as a regression test). Run in a child process (this test
 /// binary re-executed) so the abort is a failure, not the end of the run.
 #[test]
 fn engine_bug_check_allocates_by_metadata_offset() {
