@@ -614,3 +614,25 @@ async fn hostile_tolerable_damage_never_panics_or_changes_the_file_on_failure() 
         );
     }
 }
+
+/// A read-write open that fails on the backing chain must not have changed
+/// the top image either, even when opening it read-write would (here: an
+/// unknown autoclear feature bit, which a read-write open clears).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_failed_backing_leaves_a_read_write_top_unchanged() {
+    let mut bad = Vec::new();
+    let w = work();
+    let p = overlay(&w, "self.qcow2", "xxxx.qcow2");
+    rename_backing(&p, "xxxx.qcow2", "self.qcow2");
+    let mut b = std::fs::read(&p).unwrap();
+    put64(&mut b, 88, 1 << 40);
+    std::fs::write(&p, &b).unwrap();
+    rejects_path(
+        &mut bad,
+        "self-backing-autoclear",
+        &p,
+        &[ErrorKind::Backing],
+    )
+    .await;
+    verdict(bad);
+}
