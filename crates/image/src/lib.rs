@@ -3,7 +3,7 @@
 //! Layers, bottom to top: [`storage`] (positional blocking file I/O, cache
 //! modes), format engines ([`raw`], [`qcow2`]) implementing
 //! [`format::Format`], [`image::Image`] which stacks a format on its backing
-//! chain and implements [`device::BlockDevice`], and [`mod@open`], the one entry
+//! chain and implements [`device::BlockDevice`], and [`open`](mod@open), the one entry
 //! point that opens or creates any image. Nothing here knows the network:
 //! URI backings come in through [`open::Opener`].
 

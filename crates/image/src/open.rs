@@ -167,25 +167,34 @@ fn open_at_depth<'a>(
             access,
             opts.force_share,
         )?;
-        let format = open_format(storage, kind, opts).await?;
+        // The backing chain is opened before the top image is opened
+        // read-write: a read-write open may write (clear autoclear bits,
+        // repair a dirty image), and an open that then fails on the chain
+        // must leave the file as it was. A read-only engine reads the
+        // backing name; it writes nothing.
+        let from_header = matches!(opts.backing, BackingChoice::FromHeader);
+        let first = if opts.writable && from_header {
+            let ro = OpenOptions {
+                writable: false,
+                ..opts.clone()
+            };
+            open_format(Arc::clone(&storage), kind, &ro).await?
+        } else {
+            open_format(Arc::clone(&storage), kind, opts).await?
+        };
         let backing = match &opts.backing {
             BackingChoice::None => None,
             BackingChoice::Device(d) => Some(Arc::clone(d)),
-            BackingChoice::FromHeader => match format.backing() {
+            BackingChoice::FromHeader => match first.backing() {
                 None => None,
-                Some(spec) => match open_backing(path, &spec, opts, depth, seen).await {
-                    Ok(b) => Some(b),
-                    Err(e) => {
-                        // No Image will own this format, so nothing else
-                        // closes it: undo what a writable open may have
-                        // marked in the file (dirty / in-use flags) before
-                        // reporting the backing's error.
-                        let f = Arc::clone(&format);
-                        let _ = tokio::task::spawn_blocking(move || f.close()).await;
-                        return Err(e);
-                    }
-                },
+                Some(spec) => Some(open_backing(path, &spec, opts, depth, seen).await?),
             },
+        };
+        let format = if opts.writable && from_header {
+            drop(first);
+            open_format(storage, kind, opts).await?
+        } else {
+            first
         };
         Ok(Arc::new(Image::new(format, backing)))
     })

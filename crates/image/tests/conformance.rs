@@ -228,7 +228,15 @@ impl Suite {
     }
 }
 
+/// A suite that takes longer than this is hung or pathologically slow (it
+/// takes about a second per implementation on a healthy engine).
+const SUITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn suite(f: Fixture) {
+    run_suite(f).await
+}
+
+async fn run_suite(f: Fixture) {
     let size = f.dev.size();
     let info = f.dev.info();
     let g = info.granularity;
@@ -485,8 +493,12 @@ async fn qcow2_fixture(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_raw() {
+#[test]
+fn conformance_raw() {
+    with_deadline("conformance_raw", SUITE_TIMEOUT, case_raw());
+}
+
+async fn case_raw() {
     let dir = tempfile::tempdir().unwrap();
     let path = p(dir.path(), "disk.raw");
     let size = (4 << 20) + 3 * 512;
@@ -513,8 +525,16 @@ async fn conformance_raw() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_qcow2_512b_clusters() {
+#[test]
+fn conformance_qcow2_512b_clusters() {
+    with_deadline(
+        "conformance_qcow2_512b_clusters",
+        SUITE_TIMEOUT,
+        case_qcow2_512b_clusters(),
+    );
+}
+
+async fn case_qcow2_512b_clusters() {
     let size = (1 << 20) + 3 * 512;
     let f = qcow2_fixture(
         "qcow2-512b",
@@ -528,8 +548,16 @@ async fn conformance_qcow2_512b_clusters() {
     suite(f).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_qcow2_64k_clusters() {
+#[test]
+fn conformance_qcow2_64k_clusters() {
+    with_deadline(
+        "conformance_qcow2_64k_clusters",
+        SUITE_TIMEOUT,
+        case_qcow2_64k_clusters(),
+    );
+}
+
+async fn case_qcow2_64k_clusters() {
     let size = (4 << 20) + 3 * 512;
     let f = qcow2_fixture(
         "qcow2-64k",
@@ -543,8 +571,16 @@ async fn conformance_qcow2_64k_clusters() {
     suite(f).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_qcow2_2m_clusters() {
+#[test]
+fn conformance_qcow2_2m_clusters() {
+    with_deadline(
+        "conformance_qcow2_2m_clusters",
+        SUITE_TIMEOUT,
+        case_qcow2_2m_clusters(),
+    );
+}
+
+async fn case_qcow2_2m_clusters() {
     let size = (48 << 20) + 512;
     let f = qcow2_fixture(
         "qcow2-2m",
@@ -558,8 +594,16 @@ async fn conformance_qcow2_2m_clusters() {
     suite(f).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_qcow2_over_raw_backing() {
+#[test]
+fn conformance_qcow2_over_raw_backing() {
+    with_deadline(
+        "conformance_qcow2_over_raw_backing",
+        SUITE_TIMEOUT,
+        case_qcow2_over_raw_backing(),
+    );
+}
+
+async fn case_qcow2_over_raw_backing() {
     let dir = tempfile::tempdir().unwrap();
     let size = 4u64 << 20;
     let content = patchy(&mut TestRng::new(11), size as usize);
@@ -576,8 +620,16 @@ async fn conformance_qcow2_over_raw_backing() {
     suite(f).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_qcow2_over_qcow2_backing() {
+#[test]
+fn conformance_qcow2_over_qcow2_backing() {
+    with_deadline(
+        "conformance_qcow2_over_qcow2_backing",
+        SUITE_TIMEOUT,
+        case_qcow2_over_qcow2_backing(),
+    );
+}
+
+async fn case_qcow2_over_qcow2_backing() {
     let dir = tempfile::tempdir().unwrap();
     let size = 4u64 << 20;
     let content = patchy(&mut TestRng::new(12), size as usize);
@@ -610,8 +662,16 @@ async fn conformance_qcow2_over_qcow2_backing() {
     suite(f).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_qcow2_over_shorter_backing() {
+#[test]
+fn conformance_qcow2_over_shorter_backing() {
+    with_deadline(
+        "conformance_qcow2_over_shorter_backing",
+        SUITE_TIMEOUT,
+        case_qcow2_over_shorter_backing(),
+    );
+}
+
+async fn case_qcow2_over_shorter_backing() {
     let dir = tempfile::tempdir().unwrap();
     let size = 4u64 << 20;
     // Not a multiple of the overlay's cluster: the unit that straddles the

@@ -49,6 +49,7 @@ fn fuzz_corpus_replays_with_the_expected_outcomes() {
             >= 4
     );
     for (name, data) in &files {
+        eprintln!("corpus: {name}");
         let out = fuzz_open_read(data);
         if name.starts_with("valid-") {
             assert!(out.qcow2_opened, "{name}: does not open: {out:?}");

@@ -242,7 +242,7 @@ async fn record(cfg: &Config, wseed: u64) -> Recorded {
     let initial = backing
         .as_ref()
         .map_or_else(|| vec![0; cfg.size as usize], |b| b.1.clone());
-    let base = mem_qcow2_bytes(
+    let base = qemu_qcow2_bytes(
         cfg.size,
         cfg.cluster,
         backing.as_ref().map(|b| (b.2.0, b.2.1)),

@@ -58,7 +58,32 @@ pub fn mem_raw(name: &str, content: Vec<u8>) -> Arc<dyn BlockDevice> {
     Arc::new(Image::new(f, None))
 }
 
-/// A qcow2 image in memory: the bytes of a fresh image.
+/// The bytes of a fresh qcow2 image made by `qemu-img create` (the
+/// reference producer; `-u`: the backing is not opened). Harnesses that test
+/// I/O start from these, so a limit of our own `create` (tested by the
+/// conformance suite) does not hide the engine's I/O paths.
+pub fn qemu_qcow2_bytes(size: u64, cluster: u64, backing: Option<(&str, &str)>) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("new.qcow2");
+    let mut args = vec![
+        "create".to_string(),
+        "-q".into(),
+        "-f".into(),
+        "qcow2".into(),
+        "-o".into(),
+        format!("cluster_size={cluster}"),
+    ];
+    if let Some((n, f)) = backing {
+        args.extend(["-u".into(), "-b".into(), n.into(), "-F".into(), f.into()]);
+    }
+    args.extend([p.to_str().unwrap().to_string(), size.to_string()]);
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let (code, out) = qemu_img(&a);
+    assert_eq!(code, 0, "qemu-img {a:?}: {out}");
+    std::fs::read(&p).unwrap()
+}
+
+/// A qcow2 image in memory made by our own `qcow2::create`.
 pub fn mem_qcow2_bytes(size: u64, cluster: u64, backing: Option<(&str, &str)>) -> Vec<u8> {
     let m = MemStorage::new("new.qcow2");
     qcow2::create(
@@ -123,4 +148,28 @@ pub fn file_hash(path: &Path) -> (u64, u64) {
         h = h.wrapping_mul(0x100_0000_01b3);
     }
     (bytes.len() as u64, h)
+}
+
+/// Runs `fut` on a fresh runtime. If it has not finished after `limit`, the
+/// runtime is abandoned (`shutdown_background`: its blocking threads go on
+/// until the test process exits) and this panics, so a hung engine fails
+/// the test instead of hanging the run: a `tokio::time::timeout` alone does
+/// not, because dropping a runtime waits for its running blocking tasks.
+pub fn with_deadline<F: std::future::Future>(
+    what: &str,
+    limit: std::time::Duration,
+    fut: F,
+) -> F::Output {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    match rt.block_on(async { tokio::time::timeout(limit, fut).await }) {
+        Ok(v) => v,
+        Err(_) => {
+            rt.shutdown_background();
+            panic!("{what}: did not finish in {limit:?} (hung or pathologically slow)");
+        }
+    }
 }
