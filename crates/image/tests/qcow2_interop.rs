@@ -102,9 +102,17 @@ async fn assert_check_agrees(path: &Path) {
     assert_eq!(r.corruptions, field("corruptions").unwrap_or(0), "{q}");
     assert_eq!(r.leaks, field("leaks").unwrap_or(0), "{q}");
     assert_eq!(r.image_end_offset, field("image-end-offset"), "{q}");
-    assert_eq!(r.total_clusters, field("total-clusters"), "{q}");
-    assert_eq!(r.allocated_clusters, field("allocated-clusters"), "{q}");
-    // qemu-img leaves these out of the JSON when they are zero.
+    // qemu-img leaves the cluster counters out of the JSON when they are zero.
+    assert_eq!(
+        r.total_clusters.unwrap_or(0),
+        field("total-clusters").unwrap_or(0),
+        "{q}"
+    );
+    assert_eq!(
+        r.allocated_clusters.unwrap_or(0),
+        field("allocated-clusters").unwrap_or(0),
+        "{q}"
+    );
     assert_eq!(
         r.fragmented_clusters.unwrap_or(0),
         field("fragmented-clusters").unwrap_or(0),
@@ -921,4 +929,122 @@ async fn hostile_l2_offsets_are_reported_not_allocated() {
     assert!(r.corruptions >= 1, "{:?}", r.messages);
     // Reading it fails cleanly or reads zeros; it never panics.
     let _ = img.read(0, 65536).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn images_we_create_are_what_qemu_img_expects() {
+    let dir = tempfile::tempdir().unwrap();
+    for cluster in [512u64, 65536, 2 << 20] {
+        for size in [0u64, 1, 512, (1 << 20) + 1, 3 << 30] {
+            let path = dir.path().join(format!("c-{cluster}-{size}.qcow2"));
+            image::create(
+                &path,
+                FormatKind::Qcow2,
+                &CreateOptions {
+                    size: Some(size),
+                    cluster_size: Some(cluster),
+                    ..CreateOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+            let c = qemu_check(&path);
+            assert_eq!(c["leaks"].as_u64().unwrap_or(0), 0, "{cluster} {size}: {c}");
+            let info: serde_json::Value =
+                serde_json::from_str(&run("qemu-img", &["info", "--output=json", p(&path)]))
+                    .unwrap();
+            let rounded = size.next_multiple_of(512);
+            assert_eq!(info["virtual-size"].as_u64(), Some(rounded), "{info}");
+            assert_eq!(info["cluster-size"].as_u64(), Some(cluster), "{info}");
+            assert_eq!(info["format-specific"]["data"]["compat"], "1.1");
+            assert_check_agrees(&path).await;
+        }
+    }
+    // 512-byte clusters with a backing: the header still fits (qemu drops
+    // the feature name table then, and so do we).
+    std::fs::write(dir.path().join("b.raw"), vec![5u8; 1 << 20]).unwrap();
+    let path = dir.path().join("c-512-backed.qcow2");
+    image::create(
+        &path,
+        FormatKind::Qcow2,
+        &CreateOptions {
+            size: Some(1 << 20),
+            cluster_size: Some(512),
+            backing: Some(image::BackingSpec {
+                name: "b.raw".into(),
+                format: Some("raw".into()),
+            }),
+            ..CreateOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    qemu_check(&path);
+    let info: serde_json::Value =
+        serde_json::from_str(&run("qemu-img", &["info", "--output=json", p(&path)])).unwrap();
+    assert_eq!(info["backing-filename"], "b.raw", "{info}");
+    assert_eq!(read_all(&path).await, vec![5u8; 1 << 20]);
+    // Cluster sizes outside 512 B..2 MiB are refused.
+    for bad in [256u64, 4 << 20, 3000] {
+        let path = dir.path().join(format!("bad-{bad}.qcow2"));
+        let e = image::create(
+            &path,
+            FormatKind::Qcow2,
+            &CreateOptions {
+                size: Some(1 << 20),
+                cluster_size: Some(bad),
+                ..CreateOptions::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("cluster size"), "{e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn map_agrees_with_qemu_img_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("map.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", p(&path), "8M"]);
+    qemu_io(
+        &path,
+        &[
+            "write -P 1 0 256k",
+            "write -z 64k 64k",
+            "write -z -u 128k 64k",
+            "write -z 1M 128k",
+            "write -P 2 3M 64k",
+            "write -P 3 2M 64k",
+        ],
+    );
+    let q: serde_json::Value =
+        serde_json::from_str(&run("qemu-img", &["map", "--output=json", p(&path)])).unwrap();
+    let img = image::open(&path, &OpenOptions::default()).await.unwrap();
+    let ours = img.format().map(0, 8 << 20).unwrap();
+    let theirs: Vec<(u64, u64, bool, bool, Option<u64>)> = q
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["present"].as_bool().unwrap(),
+                e["zero"].as_bool().unwrap(),
+                e.get("offset").and_then(|o| o.as_u64()),
+            )
+        })
+        .collect();
+    use image::format::Mapping;
+    let ours: Vec<(u64, u64, bool, bool, Option<u64>)> = ours
+        .iter()
+        .map(|r| match r.mapping {
+            Mapping::Data { host_offset } => (r.offset, r.length, true, false, Some(host_offset)),
+            Mapping::Zero { host_offset } => (r.offset, r.length, true, true, host_offset),
+            Mapping::Unallocated => (r.offset, r.length, false, true, None),
+            Mapping::Compressed => (r.offset, r.length, true, false, None),
+        })
+        .collect();
+    assert_eq!(ours, theirs);
 }

@@ -281,7 +281,6 @@ fn check_once(m: &mut Meta, repair: Option<Repair>) -> Result<(CheckReport, Vec<
     w.refs.resize(n as usize, 0);
     let mut highest = 0u64;
     let mut leaked = Vec::new();
-    let mut rebuild = false;
     for c in 0..n {
         let on_disk = m.refcount(c)?;
         let want = w.refs[c as usize];
@@ -299,7 +298,6 @@ fn check_once(m: &mut Meta, repair: Option<Repair>) -> Result<(CheckReport, Vec<
             ));
         } else {
             w.report.corruptions += 1;
-            rebuild = true;
             w.report.messages.push(format!(
                 "ERROR cluster {c} refcount={on_disk} reference={want}"
             ));
@@ -340,7 +338,9 @@ fn check_once(m: &mut Meta, repair: Option<Repair>) -> Result<(CheckReport, Vec<
             w.report.corruptions_fixed = w.report.corruptions;
             w.report.leaks_fixed = w.report.leaks;
         }
-        Some(_) if !leaked.is_empty() && !rebuild => {
+        // Leaked clusters have a refcount block (their count is not zero):
+        // lowering them in place never allocates.
+        Some(_) if !leaked.is_empty() => {
             for &c in &leaked {
                 let want = w.refs[c as usize];
                 m.set_refcount(c, want)?;

@@ -470,6 +470,15 @@ impl Header {
             b.extend_from_slice(name.as_bytes());
         }
         let limit = self.cluster_size().min(MAX_HEADER_WRITE);
+        if b.len() as u64 > limit && self.feature_table.is_some() {
+            // The feature name table is optional: qemu leaves it out when
+            // it does not fit (512-byte clusters with a backing file).
+            let without = Header {
+                feature_table: None,
+                ..self.clone()
+            };
+            return without.encode(path);
+        }
         if b.len() as u64 > limit {
             return Err(Error::InvalidInput(format!(
                 "{}: header, extensions and backing name take {} bytes, more than the {limit} \
@@ -660,6 +669,21 @@ mod tests {
         let mut h = sample();
         h.other_extensions.push((0x1111, vec![0; 4000]));
         assert!(h.encode(p()).is_err());
+    }
+
+    #[test]
+    fn encode_drops_the_feature_table_when_it_does_not_fit() {
+        let mut h = sample();
+        h.cluster_bits = 9;
+        h.l1_size = 1 << 15;
+        let b = h.encode(p()).unwrap();
+        assert!(b.len() <= 512);
+        let mut b512 = b.clone();
+        b512.resize(512, 0);
+        let d = Header::decode(&b512, p()).unwrap();
+        assert_eq!(d.feature_table, None);
+        assert_eq!(d.backing_name.as_deref(), Some("base.raw"));
+        assert_eq!(d.backing_format.as_deref(), Some("raw"));
     }
 
     #[test]

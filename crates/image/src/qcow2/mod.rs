@@ -1,12 +1,12 @@
 //! qcow2 (QEMU copy-on-write, versions 2 and 3): the engine.
 //!
 //! All metadata (header copy, L1 table, refcount table, cached L2 tables and
-//! refcount blocks, queued frees) lives in one [`Meta`] behind one mutex.
+//! refcount blocks, queued frees) lives in one `Meta` behind one mutex.
 //! Requests take it only to look up or change metadata, and do data I/O
 //! without it, so reads of allocated clusters and writes to disjoint ranges
 //! run in parallel. Metadata is written back lazily, in the order that keeps
 //! the image crash consistent (DESIGN.md invariant 2), by
-//! [`Meta::flush_meta`]: dirty refcount blocks, sync, refcount table, sync
+//! `Meta::flush_meta`: dirty refcount blocks, sync, refcount table, sync
 //! (which also makes the data of new clusters durable), dirty L2 tables,
 //! sync, L1 table, sync. Clusters freed by a request are only queued, and
 //! their refcounts drop after the L2 change that released them is durable,
@@ -76,6 +76,11 @@ pub(crate) struct Meta {
     /// Host clusters `(offset, count)` whose references were dropped from L2
     /// tables that are not durable yet.
     pending_frees: Vec<(u64, u64)>,
+    /// Nesting depth of refcount-structure changes in progress (a refcount
+    /// table move, new refcount blocks not counted yet). Meanwhile a flush
+    /// (cache eviction) writes refcount blocks only: no table entry, header
+    /// or L2 entry may become durable before the blocks it needs are counted.
+    rc_critical: u32,
     /// Reads hold this shared from their lookup to the end of their data
     /// I/O; queued frees are applied under it exclusively, so a cluster is
     /// never handed to a new owner while a read of its old content runs.
@@ -178,6 +183,7 @@ impl Meta {
             )));
         }
         if !self.l2.contains(off) {
+            self.check_within_file(off, "L2 table")?;
             if self.l2.full_of_dirty() {
                 self.flush_meta()?;
             }
@@ -187,6 +193,19 @@ impl Meta {
             }
         }
         Ok(Some(off))
+    }
+
+    /// Tables and data found through metadata must start inside the file:
+    /// a damaged or hostile offset is an error, never a write far past the
+    /// end.
+    fn check_within_file(&self, off: u64, what: &str) -> Result<()> {
+        let len = self.st.len().map_err(|e| self.io("stat", e))?;
+        if off >= len {
+            return Err(self.corrupt(format!(
+                "{what} at offset {off:#x} is beyond the end of the file ({len} bytes)"
+            )));
+        }
+        Ok(())
     }
 
     /// The L2 entry of guest cluster `c`.
@@ -263,6 +282,19 @@ impl Meta {
         }
     }
 
+    /// Outside a request, a raised `rc_critical` means a refcount update
+    /// failed half-way: flushing could no longer honour its promise.
+    fn ensure_consistent(&self) -> Result<()> {
+        if self.rc_critical > 0 {
+            return Err(self.corrupt(
+                "an earlier refcount update failed half-way; metadata can no longer be \
+                 flushed (reopen the image; qemu-img check -r leaks)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Writes every dirty table in crash-safe order and syncs; then applies
     /// the queued frees (whose refcount blocks go out with the next flush).
     fn flush_meta(&mut self) -> Result<()> {
@@ -270,6 +302,9 @@ impl Meta {
             return Ok(());
         }
         let mut wrote = self.write_dirty_refblocks()?;
+        if self.rc_critical > 0 {
+            return self.sync();
+        }
         if !self.reftable_dirty.is_empty() {
             if wrote {
                 self.sync()?;
@@ -436,6 +471,26 @@ impl Qcow2 {
             }
         }
         let cs = 1u64 << cluster_bits;
+        if writable {
+            // Tables are written in place: they must lie inside the file.
+            let len = storage.len().map_err(|e| Error::io(&path, "stat", e))?;
+            let l1_end = h.l1_table_offset + u64::from(h.l1_size) * 8;
+            let rt_end = h.refcount_table_offset + u64::from(h.refcount_table_clusters) * cs;
+            if (h.l1_size > 0 && l1_end > len)
+                || h.refcount_table_offset >= len
+                || rt_end > len + cs
+            {
+                return Err(Error::InvalidImage {
+                    path,
+                    format: "qcow2",
+                    message: format!(
+                        "L1 table ({:#x}..{l1_end:#x}) or refcount table ({:#x}..{rt_end:#x}) \
+                         extends past the end of the file ({len} bytes)",
+                        h.l1_table_offset, h.refcount_table_offset
+                    ),
+                });
+            }
+        }
         let l1 = read_u64s(
             &*storage,
             &path,
@@ -467,6 +522,7 @@ impl Qcow2 {
             rb: TableCache::new(l2_tables / 4),
             free_hint: 0,
             pending_frees: Vec::new(),
+            rc_critical: 0,
             gate: Arc::clone(&gate),
         };
         let q = Qcow2 {
@@ -787,7 +843,9 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
         )));
     }
     let cluster_bits = cs.trailing_zeros();
-    let size = opts.size;
+    // Whole 512-byte sectors, as qemu-img create rounds (qemu reads a size
+    // that is not a sector multiple rounded down).
+    let size = opts.size.min(u64::MAX - 511).next_multiple_of(512);
     if size > (1u64 << 62) {
         return Err(Error::InvalidInput(format!(
             "{}: size {size} is above 2^62",
@@ -802,7 +860,7 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
             header::MAX_L1_BYTES
         )));
     }
-    let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
+    let l1_clusters = (l1_entries * 8).div_ceil(cs);
     let per_block = cs * 8 / 16;
     // header + reftable + refblocks + L1, sized until it covers itself.
     let (mut rt_clusters, mut rb_count) = (1u64, 1u64);
@@ -962,6 +1020,13 @@ impl Format for Qcow2 {
             let mut plan = Vec::with_capacity((last - first + 1) as usize);
             for c in first..=last {
                 let e = m.lookup(c)?;
+                if let L2Entry::Normal { host, .. }
+                | L2Entry::Zero {
+                    host: Some(host), ..
+                } = e
+                {
+                    m.check_within_file(host, "data cluster")?;
+                }
                 let (host, source) = match e {
                     L2Entry::Normal { host, copied: true } => (host, Source::InPlace),
                     L2Entry::Zero {
@@ -1085,12 +1150,15 @@ impl Format for Qcow2 {
         if !self.writable {
             return Ok(());
         }
-        self.lock().flush_meta()
+        let mut m = self.lock();
+        m.ensure_consistent()?;
+        m.flush_meta()
     }
 
     fn set_backing(&self, backing: Option<&BackingSpec>) -> Result<()> {
         self.ensure_writable()?;
         let mut m = self.lock();
+        m.ensure_consistent()?;
         m.flush_meta()?;
         let mut h = m.h.clone();
         h.backing_name = backing.map(|b| b.name.clone());
@@ -1156,6 +1224,7 @@ impl Format for Qcow2 {
             return Ok(());
         }
         let mut m = self.lock();
+        m.ensure_consistent()?;
         m.flush_meta()?;
         // The frees applied by the first flush dirtied refcount blocks.
         m.flush_meta()

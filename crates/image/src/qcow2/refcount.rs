@@ -79,6 +79,7 @@ impl Meta {
                 "refcount block offset {off:#x} is not cluster aligned"
             )));
         }
+        self.check_within_file(off, "refcount block")?;
         if self.rb.full_of_dirty() {
             self.flush_meta()?;
             // The flush applies queued frees, which may have loaded (and
@@ -169,17 +170,48 @@ impl Meta {
             // New blocks go in front of the data, contiguous, so a large
             // allocation stays one run; then they are counted themselves.
             let k = missing.len() as u64;
+            self.check_no_overlap(start, k + n)?;
+            // A flush between publishing the new blocks and counting them
+            // would make table entries durable that point at uncounted
+            // clusters (stays raised on error, see `rc_critical`).
+            self.rc_critical += 1;
             for (j, &idx) in missing.iter().enumerate() {
                 self.create_refblock(idx, (start + j as u64) << self.cluster_bits)?;
             }
             for c in start..start + k + n {
                 self.change_refcount(c, true)?;
             }
+            self.rc_critical -= 1;
             if start == self.free_hint {
                 self.free_hint = start + k + n;
             }
             return Ok((start + k) << self.cluster_bits);
         }
+    }
+
+    /// Refuses to hand out clusters that hold metadata (possible only when
+    /// refcounts are wrong: a damaged or hostile image), as qemu's overlap
+    /// checks do, instead of overwriting the header or a table.
+    fn check_no_overlap(&self, start: u64, n: u64) -> Result<()> {
+        let cb = self.cluster_bits;
+        let cs = self.cluster_size();
+        let end = start + n;
+        let overlaps =
+            |off: u64, len: u64| len > 0 && (off >> cb) < end && start < (off + len).div_ceil(cs);
+        let rt_len = u64::from(self.h.refcount_table_clusters) * cs;
+        let l1_len = u64::from(self.h.l1_size) * 8;
+        let cached = (start..end).any(|c| self.l2.contains(c << cb) || self.rb.contains(c << cb));
+        if start == 0
+            || overlaps(self.h.refcount_table_offset, rt_len)
+            || overlaps(self.h.l1_table_offset, l1_len)
+            || cached
+        {
+            return Err(self.corrupt(format!(
+                "clusters {start}..{end} have refcount zero but hold metadata; refcounts are \
+                 wrong (run qemu-img check -r all)"
+            )));
+        }
+        Ok(())
     }
 
     /// The first run of `n` clusters with refcount zero at or after the
@@ -257,6 +289,10 @@ impl Meta {
                 ),
             });
         }
+        // Until the header switch, flushes write refcount blocks only. On an
+        // error this stays raised: nothing that needs the new table may
+        // become durable.
+        self.rc_critical += 1;
         self.reftable.resize(entries as usize, 0);
         let new_off = self.alloc_clusters(clusters)?;
         // Blocks first, then the table that points at them, then the header.
@@ -272,6 +308,7 @@ impl Meta {
         h.refcount_table_offset = new_off;
         h.refcount_table_clusters = clusters as u32;
         self.write_header(&h)?;
+        self.rc_critical -= 1;
         self.reftable_dirty.clear();
         // The header no longer points at the old table: free it.
         for i in 0..old_clusters {
