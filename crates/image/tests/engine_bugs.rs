@@ -1,7 +1,8 @@
 //! KNOWN ENGINE BUGS — minimal failing tests for bugs found in the qcow2
-//! engine (owned by the qcow2 branch; not fixed here). Every test in this
-//! file is expected to FAIL until its bug is fixed; then it passes and stays
-//! as a regression test. Each names the engine file and what goes wrong.
+//! engine (owned by the qcow2 branch; not fixed here). A test here FAILS
+//! until its bug is fixed; then it passes and stays as a regression test
+//! (those say "Fixed on the qcow2 branch by ..."). Each names the engine
+//! file and what goes wrong.
 
 mod common;
 
@@ -90,7 +91,8 @@ async fn engine_bug_refcount_table_past_eof_is_accepted() {
 }
 
 /// qcow2/mod.rs read path: an L1 entry pointing at an L2 table past EOF
-/// reads as zeros instead of failing (qemu-img check calls it corruption).
+/// read as zeros instead of failing (qemu-img check calls it corruption).
+/// Fixed on the qcow2 branch by 7995065; kept as a regression test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_bug_l2_table_past_eof_reads_as_zeros() {
     let dir = tempfile::tempdir().unwrap();
@@ -105,7 +107,8 @@ async fn engine_bug_l2_table_past_eof_reads_as_zeros() {
     }
 }
 
-/// qcow2/mod.rs create: 512-byte clusters with a backing file are refused
+/// Fixed on the qcow2 branch by 94dee2e; kept as a regression test.
+/// qcow2/mod.rs create: 512-byte clusters with a backing file were refused
 /// ("header, extensions and backing name take 538 bytes, more than the 512
 /// bytes a header write may cover"); qemu-img creates them (the corpus file
 /// fuzz/corpus/open_read/valid-512b-backing-name.qcow2 is one).
@@ -234,7 +237,8 @@ async fn engine_bug_unaligned_data_cluster_is_read() {
     }
 }
 
-/// qcow2/refcount.rs: a refcount table entry pointing past EOF is taken as
+/// Fixed on the qcow2 branch by 7995065; kept as a regression test.
+/// qcow2/refcount.rs: a refcount table entry pointing past EOF was taken as
 /// an all-zero refcount block, so every cluster it covers looks free; an
 /// allocating write then succeeds and puts guest data on cluster 0, over
 /// the header: qemu-img then says "Image is not in qcow2 format".
