@@ -875,7 +875,9 @@ async fn check_finds_and_repairs_a_wrong_copied_flag() {
     b[l2] &= 0x7f;
     std::fs::write(&path, &b).unwrap();
     assert_check_agrees(&path).await;
-    let img = image::open(&path, &writable()).await.unwrap();
+    let img = image::open(&path, &writable())
+        .await
+        .unwrap_or_else(|e| panic!("read-write open: {e:?}"));
     let r = img.format().check(Some(Repair::All)).unwrap();
     assert_eq!(r.corruptions, 0, "{:?}", r.messages);
     assert_eq!(r.corruptions_fixed, 1, "{:?}", r.messages);

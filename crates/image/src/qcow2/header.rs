@@ -362,7 +362,8 @@ impl Header {
                     ),
                 ));
             }
-            let end = backing_file_offset + u64::from(backing_file_size);
+            // A hostile offset near u64::MAX must not wrap around.
+            let end = backing_file_offset.saturating_add(u64::from(backing_file_size));
             if backing_file_offset < u64::from(h.header_length)
                 || end > cluster_size
                 || end > buf.len() as u64

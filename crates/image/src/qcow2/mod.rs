@@ -218,7 +218,21 @@ impl Meta {
             self.l2.get(t).expect("loaded"),
             (c & ((1 << bits) - 1)) as usize,
         );
-        Ok(L2Entry::decode(raw, self.cluster_bits))
+        let e = L2Entry::decode(raw, self.cluster_bits);
+        // Same rule as qemu ("Cluster allocation offset ... unaligned"): a
+        // standard cluster's host offset is cluster aligned, or the
+        // metadata is corrupt; never read or write at a skewed offset.
+        if let L2Entry::Normal { host, .. }
+        | L2Entry::Zero {
+            host: Some(host), ..
+        } = e
+            && host & (self.cluster_size() - 1) != 0
+        {
+            return Err(self.corrupt(format!(
+                "guest cluster {c} maps to unaligned host offset {host:#x}"
+            )));
+        }
+        Ok(e)
     }
 
     /// Guest clusters `c..` that share `c`'s missing L2 table (how many can
@@ -471,14 +485,17 @@ impl Qcow2 {
             }
         }
         let cs = 1u64 << cluster_bits;
-        if writable {
-            // Tables are written in place: they must lie inside the file.
+        {
+            // Tables are read (and written) in place: they must lie inside
+            // the file. Hostile offsets near u64::MAX must not wrap around.
             let len = storage.len().map_err(|e| Error::io(&path, "stat", e))?;
-            let l1_end = h.l1_table_offset + u64::from(h.l1_size) * 8;
-            let rt_end = h.refcount_table_offset + u64::from(h.refcount_table_clusters) * cs;
+            let l1_end = h.l1_table_offset.saturating_add(u64::from(h.l1_size) * 8);
+            let rt_end = h
+                .refcount_table_offset
+                .saturating_add(u64::from(h.refcount_table_clusters) * cs);
             if (h.l1_size > 0 && l1_end > len)
                 || h.refcount_table_offset >= len
-                || rt_end > len + cs
+                || rt_end > len.saturating_add(cs)
             {
                 return Err(Error::InvalidImage {
                     path,
@@ -968,6 +985,28 @@ impl Format for Qcow2 {
             let gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
             (self.ranges(&entries, offset, len), entries, gate)
         };
+        // Data is written before the L2 entry that points at it is
+        // published, so data that starts past the end of the file is damaged
+        // metadata (qemu-img check calls it corruption), not a racing write.
+        if let Some(start) = ranges
+            .iter()
+            .filter_map(|r| match r.mapping {
+                Mapping::Data { host_offset } => Some(host_offset),
+                _ => None,
+            })
+            .max()
+        {
+            let file_len = self.storage.len().map_err(|e| self.io("stat", e))?;
+            if start >= file_len {
+                return Err(Error::Corrupt {
+                    path: self.storage.path().to_owned(),
+                    message: format!(
+                        "data at host offset {start:#x} is beyond the end of the file \
+                         ({file_len} bytes)"
+                    ),
+                });
+            }
+        }
         let mut holes: Vec<(u64, u64)> = Vec::new();
         let mut cluster_buf = Vec::new();
         let cs = self.cluster_size();
