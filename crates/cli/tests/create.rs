@@ -86,3 +86,21 @@ fn an_overlay_takes_its_backings_size_and_names_it() {
     assert_eq!(i["virtual-size"], 2 << 20);
     assert!(i.get("backing-filename").is_none());
 }
+
+#[test]
+fn create_with_o_direct_writes_a_valid_image() {
+    let d = Dir::new();
+    ds_ok(
+        &d,
+        &[
+            "create", "-q", "-t", "none", "-f", "qcow2", "d.qcow2", "64M",
+        ],
+    );
+    assert_eq!(qinfo(&d, "d.qcow2")["virtual-size"], 64u64 << 20);
+    qemu_ok(&d, "qemu-img", &["check", "d.qcow2"]);
+    ds_ok(
+        &d,
+        &["create", "-q", "-t", "none", "-f", "raw", "d.raw", "1M"],
+    );
+    assert_eq!(qinfo(&d, "d.raw")["virtual-size"], 1u64 << 20);
+}

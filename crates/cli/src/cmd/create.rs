@@ -41,6 +41,10 @@ pub struct Args {
     /// Do not print the "Formatting ..." line.
     #[arg(short = 'q', long)]
     quiet: bool,
+    /// Cache mode for writing the new image: writeback (page cache) or
+    /// none (O_DIRECT).
+    #[arg(short = 't', long = "cache", default_value = "writeback")]
+    cache: image::CacheMode,
     /// Path of the image to create.
     image: PathBuf,
     /// Virtual size, e.g. 10G; optional with a backing file.
@@ -180,7 +184,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         size: Some(size),
         backing,
         cluster_size: fo.cluster_size,
-        ..CreateOptions::default()
+        cache: a.cache,
     };
     image::create(path, kind, &opts)
         .await
