@@ -357,39 +357,41 @@ fn wants(e: &Extent, base_depth: Option<u32>) -> Option<ExtentKind> {
     }
 }
 
-/// Bytes above the base that `image` still reads from below (data, and
-/// zeros that would have to hide a base).
-pub async fn remaining_bytes(image: &Image, base_depth: Option<u32>) -> Result<u64, StreamError> {
-    let size = image.size();
-    let mut pos = 0;
-    let mut total = 0;
-    while pos < size {
-        let n = (size - pos).min(SCAN_WINDOW);
-        for e in block_status_all(image, pos, n).await? {
-            if wants(&e, base_depth).is_some() {
-                total += e.length;
-            }
-        }
-        pos += n;
-    }
-    Ok(total)
+/// What above the base `image` still reads from below, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Remaining {
+    /// Data to copy.
+    pub data: u64,
+    /// Zeros that must become zero units to hide a base.
+    pub zeros: u64,
 }
 
-/// Bytes of data above the base still remote.
-async fn remote_data_bytes(image: &Image, base_depth: Option<u32>) -> Result<u64, StreamError> {
+impl Remaining {
+    pub fn is_empty(&self) -> bool {
+        self.data == 0 && self.zeros == 0
+    }
+}
+
+/// Scans `image`'s block status for what is still remote above the base.
+pub async fn remaining_bytes(
+    image: &Image,
+    base_depth: Option<u32>,
+) -> Result<Remaining, StreamError> {
     let size = image.size();
     let mut pos = 0;
-    let mut total = 0;
+    let mut r = Remaining::default();
     while pos < size {
         let n = (size - pos).min(SCAN_WINDOW);
         for e in block_status_all(image, pos, n).await? {
-            if wants(&e, base_depth) == Some(ExtentKind::Data) {
-                total += e.length;
+            match wants(&e, base_depth) {
+                Some(ExtentKind::Data) => r.data += e.length,
+                Some(_) => r.zeros += e.length,
+                None => {}
             }
         }
         pos += n;
     }
-    Ok(total)
+    Ok(r)
 }
 
 /// Rewrites the link once nothing above the base is remote.
@@ -565,7 +567,7 @@ impl Runner {
         let chunk = self.opts.chunk_size.max(1).next_multiple_of(g);
         let base_depth = self.opts.base.depth;
         let max_in_flight = self.opts.max_in_flight.max(1);
-        let remote = remote_data_bytes(&image, base_depth).await?;
+        let remote = remaining_bytes(&image, base_depth).await?.data;
         self.shared.update(|s| s.info.remote = remote);
         let mut bucket = TokenBucket::new(self.ctl.borrow().speed, Instant::now());
         let mut tasks: JoinSet<CopyResult> = JoinSet::new();
@@ -636,7 +638,7 @@ impl Runner {
                 return Err(f);
             }
             image.flush().await?;
-            if remaining_bytes(&image, base_depth).await? == 0 {
+            if remaining_bytes(&image, base_depth).await?.is_empty() {
                 complete(&image, &self.opts.base).await?;
                 return Ok(Outcome::Completed);
             }
@@ -750,7 +752,7 @@ pub async fn step(
         pos += n;
     }
     image.flush().await?;
-    let completed = remaining_bytes(image, base_depth).await? == 0;
+    let completed = remaining_bytes(image, base_depth).await?.is_empty();
     if completed {
         complete(image, &opts.base).await?;
     }

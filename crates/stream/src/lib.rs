@@ -17,6 +17,6 @@ pub mod throttle;
 
 pub use base::{Base, resolve_base};
 pub use job::{
-    JobInfo, JobState, OnError, Outcome, StepOutcome, StreamError, StreamJob, StreamOptions,
-    StreamSummary, remaining_bytes, step,
+    JobInfo, JobState, OnError, Outcome, Remaining, StepOutcome, StreamError, StreamJob,
+    StreamOptions, StreamSummary, remaining_bytes, step,
 };

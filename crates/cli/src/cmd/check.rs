@@ -7,7 +7,6 @@
 //! no checks (raw). The image is opened read-only unless `-r` asks for a
 //! repair, and without its backing chain (a check never needs it).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use image::format::{CheckReport, Repair};
@@ -15,7 +14,7 @@ use image::open::{BackingChoice, OpenOptions};
 use image::{ErrorKind, Image};
 use serde::Serialize;
 
-use super::{Output, file_error};
+use super::{ImageArgs, Output, file_error};
 use crate::cmd::info::to_qemu_json;
 
 /// Check an image's metadata for corruption and leaked clusters.
@@ -29,17 +28,8 @@ pub struct Args {
     /// Repair: `leaks` or `all`.
     #[arg(short = 'r', long = "repair", value_enum)]
     repair: Option<RepairArg>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "human")]
-    output: Output,
-    /// Open even if another process writes the image (not with -r).
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
-    /// Format of IMAGE (default: probed).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
-    /// The image.
-    image: PathBuf,
+    #[command(flatten)]
+    common: ImageArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -83,15 +73,15 @@ fn nz(v: Option<u64>) -> Option<u64> {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let path = &a.image;
+    let path = &a.common.image;
     let repair = a.repair.map(|r| match r {
         RepairArg::Leaks => Repair::Leaks,
         RepairArg::All => Repair::All,
     });
     let opts = OpenOptions {
         writable: repair.is_some(),
-        force_share: a.force_share,
-        format: a.format.clone(),
+        force_share: a.common.force_share,
+        format: a.common.format.clone(),
         backing: BackingChoice::None,
         ..OpenOptions::default()
     };
@@ -115,7 +105,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
     };
     img.close().await.map_err(|e| file_error(path, e))?;
-    match a.output {
+    match a.common.output {
         Output::Human => print_human(&report),
         Output::Json => {
             let j = CheckJson {

@@ -11,14 +11,13 @@
 //! `local-percent` (the first as a share of the second; 100 when nothing is
 //! allocated anywhere) and `backing-chain`, one entry per layer.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use image::BlockDevice;
 use image::device::block_status_all;
 use serde::Serialize;
 
-use super::{Output, actual_size, file_error, open_chain, walk_chain};
+use super::{ImageArgs, Output, actual_size, file_error, open_chain, walk_chain};
 
 /// Show an image's format, size, backing chain and how much of it is local.
 ///
@@ -27,18 +26,8 @@ use super::{Output, actual_size, file_error, open_chain, walk_chain};
 /// fails, as qemu-img does, unless -U is given.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Output format.
-    #[arg(long, value_enum, default_value = "human")]
-    output: Output,
-    /// Open even if another process writes the image (its content may be
-    /// inconsistent while you read it).
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
-    /// Format of IMAGE (default: probed; backings are never probed).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
-    /// The image.
-    image: PathBuf,
+    #[command(flatten)]
+    common: ImageArgs,
 }
 
 /// `children[].info` of qemu-img's JSON: the file under the format.
@@ -107,9 +96,9 @@ struct Info {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let path = &a.image;
-    let layers = walk_chain(path, a.format.clone(), a.force_share).await?;
-    let chain = open_chain(path, a.format.clone(), a.force_share).await?;
+    let path = &a.common.image;
+    let layers = walk_chain(path, a.common.format.clone(), a.common.force_share).await?;
+    let chain = open_chain(path, a.common.format.clone(), a.common.force_share).await?;
     let size = chain.size();
     let extents = block_status_all(&*chain, 0, size)
         .await
@@ -200,7 +189,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         local_percent,
         backing_chain,
     };
-    match a.output {
+    match a.common.output {
         Output::Json => println!("{}", to_qemu_json(&info)?),
         Output::Human => print_human(&info),
     }

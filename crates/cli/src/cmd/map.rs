@@ -10,13 +10,12 @@
 //! byte-for-byte what qemu-img prints. The human format lists only data, with
 //! the file of the layer that holds it.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use image::device::block_status_all;
 use image::{BlockDevice, Extent, ExtentKind};
 
-use super::{Output, file_error, open_chain, walk_chain};
+use super::{ImageArgs, Output, file_error, open_chain, walk_chain};
 
 /// Show which ranges of an image hold data, zeros or nothing, and in which
 /// layer of the backing chain.
@@ -26,17 +25,8 @@ use super::{Output, file_error, open_chain, walk_chain};
 /// identical to `qemu-img map --output=json`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Output format.
-    #[arg(long, value_enum, default_value = "human")]
-    output: Output,
-    /// Open even if another process writes the image.
-    #[arg(short = 'U', long = "force-share")]
-    force_share: bool,
-    /// Format of IMAGE (default: probed; backings are never probed).
-    #[arg(short = 'f', long = "format")]
-    format: Option<String>,
-    /// The image.
-    image: PathBuf,
+    #[command(flatten)]
+    common: ImageArgs,
 }
 
 /// qemu-img's `MapEntry`.
@@ -153,12 +143,12 @@ pub fn render_json(entries: &[MapEntry]) -> String {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let path = &a.image;
-    let chain = open_chain(path, a.format.clone(), a.force_share).await?;
+    let path = &a.common.image;
+    let chain = open_chain(path, a.common.format.clone(), a.common.force_share).await?;
     let extents = block_status_all(&*chain, 0, chain.size())
         .await
         .map_err(|e| file_error(path, e))?;
-    let layers = walk_chain(path, a.format.clone(), a.force_share).await?;
+    let layers = walk_chain(path, a.common.format.clone(), a.common.force_share).await?;
     let sizes: Vec<u64> = layers.iter().map(|l| l.image.size()).collect();
     let mut entries = entries(&extents, chain.info().layers, &sizes);
     if entries.is_empty() {
@@ -174,7 +164,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
             offset: None,
         });
     }
-    match a.output {
+    match a.common.output {
         Output::Json => print!("{}", render_json(&entries)),
         Output::Human => {
             let names: Vec<&str> = layers.iter().map(|l| l.filename.as_str()).collect();

@@ -36,6 +36,23 @@ pub enum Output {
     Json,
 }
 
+/// The image arguments of the commands that inspect one image.
+#[derive(Debug, clap::Args)]
+pub struct ImageArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "human")]
+    pub output: Output,
+    /// Open even if another process writes the image (its content may be
+    /// inconsistent while you read it; not with check -r).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Format of IMAGE (default: probed; backings are never probed).
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// The image.
+    pub image: PathBuf,
+}
+
 /// An image error as the user sees it: prefixed by `path` unless the
 /// message already names it.
 pub fn file_error(path: &Path, e: image::Error) -> anyhow::Error {
