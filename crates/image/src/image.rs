@@ -30,6 +30,7 @@ use crate::device::{
     push_extent,
 };
 use crate::format::{BackingSpec, CowFill, Format, Mapping};
+use crate::iobuf::IoBuf;
 use crate::rangelock::RangeLocks;
 use crate::stats::{IoStats, Op};
 use crate::{Error, Result};
@@ -104,7 +105,7 @@ enum Piece {
     /// Allocated here before the copy looked (a guest write won the range).
     Local(u64, u64),
     /// Copied just now: the bytes.
-    Copied(u64, Arc<Vec<u8>>),
+    Copied(u64, Arc<IoBuf>),
     /// Reads as zeros.
     Zeros(u64, u64),
     /// Left below on purpose (the base or deeper).
@@ -219,6 +220,47 @@ impl Image {
         self.stats.add_backing_read(n);
         data.resize(len as usize, 0);
         Ok(data)
+    }
+
+    /// [`Image::read_below`] into a pooled, aligned buffer: a copy then
+    /// needs no zeroed allocation, and an O_DIRECT write of it no bounce.
+    /// A local image below is read straight through its format.
+    async fn read_below_into_iobuf(&self, offset: u64, len: u64) -> Result<IoBuf> {
+        let mut buf = IoBuf::take(len as usize);
+        let Some(backing) = self.backing() else {
+            buf.fill(0);
+            return Ok(buf);
+        };
+        let bsize = backing.size();
+        let n = if offset >= bsize {
+            0
+        } else {
+            len.min(bsize - offset)
+        };
+        buf[n as usize..].fill(0);
+        if n == 0 {
+            return Ok(buf);
+        }
+        if let Some(below) = (&*backing as &dyn std::any::Any).downcast_ref::<Image>() {
+            let format = Arc::clone(&below.format);
+            let (b, holes) = tokio::task::spawn_blocking(move || {
+                let holes = format.read(offset, &mut buf[..n as usize]);
+                (buf, holes)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?;
+            buf = b;
+            for (hoff, hlen) in holes? {
+                let data = below.read_below(hoff, hlen).await?;
+                let at = (hoff - offset) as usize;
+                buf[at..at + hlen as usize].copy_from_slice(&data);
+            }
+        } else {
+            let data = backing.read(offset, n as usize).await?;
+            buf[..n as usize].copy_from_slice(&data);
+        }
+        self.stats.add_backing_read(n);
+        Ok(buf)
     }
 
     /// The units that `[offset, end)` covers only in part and that are not
@@ -384,7 +426,7 @@ impl Image {
                         let mut pos = run_start;
                         while pos < run_end {
                             let n = step.min(run_end - pos);
-                            let data = Arc::new(self.read_below(pos, n).await?);
+                            let data = Arc::new(self.read_below_into_iobuf(pos, n).await?);
                             let d = Arc::clone(&data);
                             blocking(&self.format, move |f| f.write(pos, &d, &[])).await?;
                             outcome.copied += n;

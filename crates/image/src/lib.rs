@@ -11,6 +11,7 @@ pub mod device;
 pub mod error;
 pub mod format;
 pub mod image;
+pub mod iobuf;
 pub mod lock;
 pub mod open;
 pub mod qcow2;
