@@ -12,10 +12,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use image::device::block_status_all;
+use image::iobuf::IoBuf;
 use image::open::{BackingChoice, OpenOptions};
 use image::{
     BlockDevice, CacheMode, CreateOptions, ExtentKind, Format, FormatKind, Image, WriteFlags,
@@ -26,8 +27,9 @@ use super::create::{parse_options, same_file};
 use super::progress::Progress;
 use super::{file_error, open_chain, walk_chain};
 
-/// Bytes per chunk in flight (qemu-img uses 2 MiB buffers).
-const CHUNK: u64 = 4 << 20;
+/// Bytes per chunk in flight (qemu-img uses 2 MiB buffers); one pooled
+/// [`IoBuf`].
+const CHUNK: u64 = image::iobuf::POOL_BUF_SIZE as u64;
 /// Zero detection granularity: qemu-img's default `-S 4k`.
 const SPARSE: usize = 4096;
 
@@ -130,7 +132,6 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
             .map(|l| Arc::clone(l.image.format()))
             .collect(),
     );
-    let pool = Arc::new(Pool::default());
 
     let mut tasks = JoinSet::new();
     let mut queue = chunks.into_iter();
@@ -144,7 +145,6 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
                 src: Arc::clone(&src),
                 dst: Arc::clone(&dst),
                 layer: depth.and_then(|d| layer_formats.get(d as usize).cloned()),
-                pool: Arc::clone(&pool),
                 off,
                 len: len as usize,
             };
@@ -166,73 +166,6 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// O_DIRECT alignment of buffer addresses (the image crate's storage
-/// bounces anything less aligned through a fresh buffer).
-const ALIGN: usize = 4096;
-
-/// A reusable buffer of [`CHUNK`] bytes whose window starts 4 KiB aligned,
-/// so direct writes need no bounce copy and pages are faulted in only once.
-#[derive(Debug)]
-struct Buf {
-    mem: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl Buf {
-    fn new() -> Self {
-        let mem = vec![0u8; CHUNK as usize + ALIGN];
-        let start = mem.as_ptr().align_offset(ALIGN);
-        Buf { mem, start, len: 0 }
-    }
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.mem[self.start..self.start + self.len]
-    }
-}
-
-/// Buffers not in use; a buffer goes back when the last `Bytes` over it drops.
-#[derive(Debug, Default)]
-struct Pool(Mutex<Vec<Buf>>);
-
-impl Pool {
-    fn take(self: &Arc<Self>, len: usize) -> Buf {
-        let mut b = self
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .unwrap_or_else(Buf::new);
-        b.len = len;
-        b
-    }
-}
-
-/// A pooled buffer as the owner of a `Bytes`.
-#[derive(Debug)]
-struct Pooled {
-    buf: Option<Buf>,
-    pool: Arc<Pool>,
-}
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        let b = self.buf.as_ref().expect("buffer present until drop");
-        &b.mem[b.start..b.start + b.len]
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        if let Some(b) = self.buf.take() {
-            self.pool
-                .0
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(b);
-        }
-    }
-}
-
 /// One chunk to copy, and where to read it.
 struct Chunk {
     src: Arc<Image>,
@@ -240,7 +173,6 @@ struct Chunk {
     /// The format of the layer block status says holds the chunk, read
     /// directly into a pooled buffer; `None` reads through the chain.
     layer: Option<Arc<dyn Format>>,
-    pool: Arc<Pool>,
     off: u64,
     len: usize,
 }
@@ -249,11 +181,12 @@ impl Chunk {
     /// Copies the chunk, skipping 4 KiB blocks of zeros.
     async fn copy(self) -> image::Result<()> {
         let (off, len) = (self.off, self.len);
-        let mut buf = self.pool.take(len);
+        // Pooled and 4 KiB aligned: no zeroing, no O_DIRECT bounce copy.
+        let mut buf = IoBuf::take(len);
         let holes = match self.layer.clone() {
             Some(fmt) => {
                 let (b, holes) = tokio::task::spawn_blocking(move || {
-                    let holes = fmt.read(off, buf.as_mut());
+                    let holes = fmt.read(off, &mut buf);
                     (buf, holes)
                 })
                 .await
@@ -267,13 +200,10 @@ impl Chunk {
         for (hoff, hlen) in holes {
             let data = self.src.read(hoff, hlen as usize).await?;
             let at = (hoff - off) as usize;
-            buf.as_mut()[at..at + data.len()].copy_from_slice(&data);
+            buf[at..at + data.len()].copy_from_slice(&data);
         }
-        let runs = nonzero_runs(buf.as_mut());
-        let data = Bytes::from_owner(Pooled {
-            buf: Some(buf),
-            pool: Arc::clone(&self.pool),
-        });
+        let runs = nonzero_runs(&buf);
+        let data = Bytes::from_owner(buf);
         for (start, end) in runs {
             self.dst
                 .write(
