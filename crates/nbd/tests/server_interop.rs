@@ -294,6 +294,7 @@ fn fio_random_read_write_with_verify() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--output-format=terse",
         ],
     );
