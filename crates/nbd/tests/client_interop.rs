@@ -466,3 +466,63 @@ async fn opener_opens_nbd_backings_as_raw_devices() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported);
 }
+
+/// An overlay whose backing is an NBD export, exactly as
+/// `qemu-img create -f qcow2 -b nbd+unix:///?socket=... -F raw` writes it,
+/// opens through `image::open` with the NBD opener and reads like qemu-io.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qcow2_overlay_over_an_nbd_backing_opens_through_image_open() {
+    let (dir, file, mut content) = fixture();
+    let p = qemu_nbd(&dir.path().join("b.sock"), &file, &["-r"]);
+    let overlay = dir.path().join("top.qcow2");
+    let uri = p.uri("");
+    let ov = overlay.to_str().unwrap().to_string();
+    tokio::task::spawn_blocking(move || {
+        tool_ok(
+            30,
+            "qemu-img",
+            &["create", "-f", "qcow2", "-b", &uri, "-F", "raw", &ov],
+        );
+        tool_ok(
+            30,
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 0x33 0 65536", &ov],
+        );
+    })
+    .await
+    .unwrap();
+    content[..65536].fill(0x33);
+    let opts = image::OpenOptions {
+        opener: Some(Arc::new(NbdOpener { options: opts() })),
+        ..image::OpenOptions::default()
+    };
+    let img = image::open(&overlay, &opts).await.unwrap();
+    assert_eq!(img.size(), SIZE);
+    assert!(img.read(0, SIZE as usize).await.unwrap() == content);
+    // Block status: our write at depth 0, the backing's data at depth 1,
+    // the backing's holes as zeros at depth 1 (skipped by a stream).
+    let ext = block_status_all(&*img, 0, SIZE).await.unwrap();
+    assert_eq!(
+        (ext[0].offset, ext[0].kind, ext[0].depth),
+        (0, ExtentKind::Data, Some(0)),
+        "{ext:?}"
+    );
+    let data_below: Vec<(u64, u64)> = ext
+        .iter()
+        .filter(|e| e.kind == ExtentKind::Data && e.depth == Some(1))
+        .map(|e| (e.offset, e.length))
+        .collect();
+    assert_eq!(data_below, vec![(DATA_AT, DATA_LEN as u64)], "{ext:?}");
+    assert!(
+        ext.iter()
+            .filter(|e| e.depth == Some(1) && e.kind == ExtentKind::Zero)
+            .count()
+            >= 2,
+        "{ext:?}"
+    );
+    // Without an opener the backing is refused with a message naming it.
+    let e = image::open(&overlay, &image::OpenOptions::default())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("b.sock"), "{e}");
+}

@@ -294,6 +294,7 @@ fn fio_random_read_write_with_verify() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--output-format=terse",
         ],
     );
@@ -316,4 +317,89 @@ fn non_persistent_server_exits_after_last_client() {
     });
     tool_ok(30, "nbdinfo", &["--size", &s.uri("")]);
     s.wait_exit(Duration::from_secs(10)).unwrap();
+}
+
+/// A qcow2 overlay on a raw backing: our `base:allocation` and
+/// `qemu:allocation-depth` maps equal qemu-nbd's for the same image.
+#[test]
+fn block_status_of_a_qcow2_chain_matches_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    sparse_raw(&base, 16 * MIB, 3 * MIB, 2 * MIB as usize);
+    let top = dir.path().join("top.qcow2");
+    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+    tool_ok(
+        30,
+        "qemu-img",
+        &["create", "-f", "qcow2", "-b", b, "-F", "raw", t],
+    );
+    tool_ok(
+        30,
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 0 1M",
+            "-c",
+            "write -z 4M 1M",
+            "-c",
+            "write -P 2 10M 64k",
+            t,
+        ],
+    );
+    let maps = |uri: &str| {
+        (
+            tool_ok(30, "nbdinfo", &["--map", uri]),
+            tool_ok(30, "nbdinfo", &["--map=qemu:allocation-depth", uri]),
+        )
+    };
+    let qsock = dir.path().join("q.sock");
+    /// Kills qemu-nbd even when an assertion fails.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let q = Kill(
+        std::process::Command::new("qemu-nbd")
+            .args([
+                "-A",
+                "-r",
+                "-f",
+                "qcow2",
+                "--persistent",
+                "-k",
+                qsock.to_str().unwrap(),
+                t,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_socket(&qsock, Duration::from_secs(20));
+    let theirs = maps(&format!("nbd+unix:///?socket={}", qsock.display()));
+    drop(q);
+    let top2 = top.clone();
+    let mut s = serve(move || async move {
+        let opts = image::OpenOptions {
+            format: Some("qcow2".into()),
+            ..Default::default()
+        };
+        let img = image::open(&top2, &opts).await.unwrap();
+        ServerConfig::new(vec![nbd::server::Export {
+            name: String::new(),
+            description: String::new(),
+            device: img,
+            read_only: true,
+            multi_conn: true,
+        }])
+    });
+    let ours = maps(&s.uri(""));
+    s.stop().unwrap();
+    assert_eq!(ours.0, theirs.0, "base:allocation differs");
+    assert_eq!(ours.1, theirs.1, "qemu:allocation-depth differs");
 }
