@@ -325,3 +325,21 @@ fn random_layouts_map_like_qemu_img() {
         same_map(&d, "l2.qcow2");
     }
 }
+
+#[test]
+fn raw_files_of_partial_sectors_map_and_size_like_qemu_img() {
+    let d = Dir::new();
+    // 1000 bytes of data: qemu-img sees a 1024-byte device, zeros at the end.
+    std::fs::write(d.path("odd.raw"), vec![0x5au8; 1000]).unwrap();
+    same_map(&d, "odd.raw");
+    let ours: serde_json::Value =
+        serde_json::from_str(&ds_ok(&d, &["info", "--output", "json", "odd.raw"])).unwrap();
+    let theirs: serde_json::Value = serde_json::from_str(&qemu_ok(
+        &d,
+        "qemu-img",
+        &["info", "--output=json", "odd.raw"],
+    ))
+    .unwrap();
+    assert_eq!(ours["virtual-size"], theirs["virtual-size"]);
+    assert_eq!(ours["virtual-size"], 1024);
+}

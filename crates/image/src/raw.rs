@@ -29,9 +29,12 @@ pub fn create(storage: &dyn Storage, size: u64) -> Result<()> {
 
 impl Raw {
     pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Self> {
+        // Whole sectors, as QEMU counts them: a 1000-byte file is a
+        // 1024-byte device whose tail reads as zeros.
         let size = storage
             .len()
-            .map_err(|e| Error::io(storage.path(), "stat", e))?;
+            .map_err(|e| Error::io(storage.path(), "stat", e))?
+            .next_multiple_of(RAW_GRANULARITY);
         Ok(Raw {
             storage,
             size,

@@ -65,11 +65,20 @@ pub fn fuzz_open_read(data: &[u8]) -> FuzzOutcome {
     let mem = Arc::new(MemStorage::from_bytes("fuzz.raw", data.to_vec()));
     let storage: Arc<dyn Storage> = mem.clone();
     let raw = Raw::open(storage, false).expect("raw opens anything");
-    assert_eq!(raw.virtual_size(), data.len() as u64);
+    // Whole sectors, as QEMU counts them; the padding reads as zeros.
+    let size = (data.len() as u64).next_multiple_of(512);
+    assert_eq!(raw.virtual_size(), size);
     let n = (data.len() as u64).min(MAX_SPAN);
     let mut buf = vec![0u8; n as usize];
     let holes = raw.read(0, &mut buf).expect("raw read");
     assert!(holes.is_empty() && buf[..] == data[..n as usize]);
+    let mut tail = vec![0xffu8; (size - data.len() as u64) as usize];
+    raw.read(data.len() as u64, &mut tail)
+        .expect("raw read of the padding");
+    assert!(
+        tail.iter().all(|&b| b == 0),
+        "the sector padding reads as zeros"
+    );
     exercise(&raw, data);
     assert!(
         mem.snapshot() == data,
