@@ -206,66 +206,60 @@ impl Image {
     }
 
     /// Reads `[offset, offset + len)` from below this layer: the backing,
-    /// zeros past its end, or zeros without one.
-    async fn read_below(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let Some(backing) = self.backing() else {
-            return Ok(vec![0; len as usize]);
-        };
-        let bsize = backing.size();
-        if offset >= bsize {
-            return Ok(vec![0; len as usize]);
-        }
-        let n = len.min(bsize - offset);
-        let mut data = backing.read(offset, n as usize).await?;
-        self.stats.add_backing_read(n);
-        data.resize(len as usize, 0);
-        Ok(data)
-    }
-
-    /// [`Image::read_below`] into a pooled, aligned buffer: a copy then
-    /// needs no zeroed allocation, and an O_DIRECT write of it no bounce.
-    /// A local image below is read straight through its format.
-    async fn read_below_into_iobuf(&self, offset: u64, len: u64) -> Result<IoBuf> {
-        let mut buf = IoBuf::take(len as usize);
-        let Some(backing) = self.backing() else {
+    /// zeros past its end, or zeros without one. Into a pooled, aligned
+    /// buffer where it can, so a copy needs no zeroed allocation and an
+    /// O_DIRECT write of it no bounce: a local image below whose own read
+    /// would do nothing more (no copy-on-read) is read through its format.
+    async fn read_below(&self, offset: u64, len: u64) -> Result<IoBuf> {
+        let backing = self.backing();
+        let n = backing
+            .as_ref()
+            .map_or(0, |b| b.size().saturating_sub(offset).min(len));
+        if n == 0 {
+            let mut buf = IoBuf::take(len as usize);
             buf.fill(0);
             return Ok(buf);
-        };
-        let bsize = backing.size();
-        let n = if offset >= bsize {
-            0
-        } else {
-            len.min(bsize - offset)
-        };
-        buf[n as usize..].fill(0);
-        if n == 0 {
-            return Ok(buf);
         }
-        if let Some(below) = (&*backing as &dyn std::any::Any).downcast_ref::<Image>() {
+        let backing = backing.expect("n > 0 only with a backing");
+        let direct = (&*backing as &dyn std::any::Any)
+            .downcast_ref::<Image>()
+            .filter(|b| !b.copy_on_read() || b.format.read_only());
+        let buf = if let Some(below) = direct {
+            let mut buf = IoBuf::take(len as usize);
+            buf[n as usize..].fill(0);
             let format = Arc::clone(&below.format);
-            let (b, holes) = tokio::task::spawn_blocking(move || {
+            let (mut buf, holes) = tokio::task::spawn_blocking(move || {
                 let holes = format.read(offset, &mut buf[..n as usize]);
                 (buf, holes)
             })
             .await
             .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?;
-            buf = b;
-            for (hoff, hlen) in holes? {
-                let data = below.read_below(hoff, hlen).await?;
-                let at = (hoff - offset) as usize;
-                buf[at..at + hlen as usize].copy_from_slice(&data);
-            }
+            below.fill_below(&mut buf, offset, holes?).await?;
+            buf
         } else {
-            let data = backing.read(offset, n as usize).await?;
-            buf[..n as usize].copy_from_slice(&data);
-        }
+            let mut data = backing.read(offset, n as usize).await?;
+            data.resize(len as usize, 0);
+            IoBuf::from(data)
+        };
         self.stats.add_backing_read(n);
         Ok(buf)
     }
 
+    /// Fills `holes` — what a format read of `dst` (guest offset `at`) left
+    /// unallocated — from below this layer.
+    async fn fill_below(&self, dst: &mut [u8], at: u64, holes: Vec<(u64, u64)>) -> Result<()> {
+        for (hoff, hlen) in holes {
+            // Boxed: reading below may fill holes a layer further down.
+            let data = Box::pin(self.read_below(hoff, hlen)).await?;
+            let i = (hoff - at) as usize;
+            dst[i..i + hlen as usize].copy_from_slice(&data);
+        }
+        Ok(())
+    }
+
     /// The units that `[offset, end)` covers only in part and that are not
     /// allocated in this file, with their content from below.
-    async fn cow_fills(&self, offset: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+    async fn cow_fills(&self, offset: u64, end: u64) -> Result<Vec<(u64, IoBuf)>> {
         if self.backing().is_none() {
             return Ok(Vec::new());
         }
@@ -426,7 +420,7 @@ impl Image {
                         let mut pos = run_start;
                         while pos < run_end {
                             let n = step.min(run_end - pos);
-                            let data = Arc::new(self.read_below_into_iobuf(pos, n).await?);
+                            let data = Arc::new(self.read_below(pos, n).await?);
                             let d = Arc::clone(&data);
                             blocking(&self.format, move |f| f.write(pos, &d, &[])).await?;
                             outcome.copied += n;
@@ -545,11 +539,7 @@ impl Image {
                     })
                     .await?;
                     dst.copy_from_slice(&part);
-                    for (loff, llen) in left {
-                        let data = self.read_below(loff, llen).await?;
-                        let at = (loff - a) as usize;
-                        dst[at..at + llen as usize].copy_from_slice(&data);
-                    }
+                    self.fill_below(dst, a, left).await?;
                 }
             }
         }
@@ -606,16 +596,13 @@ impl BlockDevice for Image {
         if holes.is_empty() || self.backing().is_none() {
             return Ok(buf);
         }
-        let cor = self.copy_on_read() && !self.format.read_only();
+        if !self.copy_on_read() || self.format.read_only() {
+            self.fill_below(&mut buf, offset, holes).await?;
+            return Ok(buf);
+        }
         for (hoff, hlen) in holes {
-            if cor {
-                self.copy_on_read_range(hoff, hlen, &mut buf, offset)
-                    .await?;
-            } else {
-                let data = self.read_below(hoff, hlen).await?;
-                let at = (hoff - offset) as usize;
-                buf[at..at + hlen as usize].copy_from_slice(&data);
-            }
+            self.copy_on_read_range(hoff, hlen, &mut buf, offset)
+                .await?;
         }
         Ok(buf)
     }

@@ -19,8 +19,9 @@ const POOL_MAX: usize = 32;
 
 static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
-/// A buffer of `len` bytes starting at a 4 KiB boundary. Its content when
-/// taken is unspecified (but initialised): fill every byte you read.
+/// A buffer of `len` bytes. One from [`IoBuf::take`] starts at a 4 KiB
+/// boundary and its content is unspecified (but initialised): fill every
+/// byte you read. One made from a `Vec` keeps that `Vec`, as it is.
 #[derive(Debug)]
 pub struct IoBuf {
     mem: Vec<u8>,
@@ -41,6 +42,18 @@ impl IoBuf {
         };
         let start = mem.as_ptr().align_offset(IO_ALIGN);
         IoBuf { mem, start, len }
+    }
+}
+
+impl From<Vec<u8>> for IoBuf {
+    /// Wraps `v` without copying (and without any alignment promise).
+    fn from(v: Vec<u8>) -> IoBuf {
+        let len = v.len();
+        IoBuf {
+            mem: v,
+            start: 0,
+            len,
+        }
     }
 }
 
@@ -85,6 +98,12 @@ mod tests {
             assert_eq!(b.len(), len);
             assert_eq!(b.as_ptr() as usize % IO_ALIGN, 0);
         }
+    }
+
+    #[test]
+    fn a_wrapped_vec_keeps_its_bytes() {
+        let b = IoBuf::from(vec![7u8; 1000]);
+        assert_eq!(&b[..], &[7u8; 1000][..]);
     }
 
     #[test]

@@ -17,6 +17,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::iobuf::IoBuf;
+
 /// Byte-addressed blocking storage.
 #[allow(clippy::len_without_is_empty)] // a length, not a collection
 pub trait Storage: Send + Sync + Debug {
@@ -90,7 +92,7 @@ impl std::str::FromStr for CacheMode {
 
 /// O_DIRECT alignment for offsets, lengths and buffers. 4 KiB is safe on
 /// every device with 512-byte or 4 KiB logical sectors.
-const DIRECT_ALIGN: usize = 4096;
+const DIRECT_ALIGN: usize = crate::iobuf::IO_ALIGN;
 
 /// A file on the local filesystem.
 #[derive(Debug)]
@@ -152,66 +154,6 @@ impl FileStorage {
     }
 }
 
-/// Bounce buffers up to this size are kept per thread and reused: a fresh
-/// one per request costs an mmap and a page fault per 4 KiB.
-const BOUNCE_CACHE_MAX: usize = 8 << 20;
-
-thread_local! {
-    static BOUNCE: std::cell::RefCell<Option<AlignedBuf>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Runs `f` with an aligned buffer of exactly `len` bytes, reusing this
-/// thread's cached one when it is large enough. Its content on entry is
-/// unspecified (but initialised).
-fn with_bounce<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
-    if len > BOUNCE_CACHE_MAX {
-        let mut b = AlignedBuf::new(len);
-        return f(b.as_mut());
-    }
-    BOUNCE.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.as_ref().is_none_or(|b| b.len < len) {
-            *slot = Some(AlignedBuf::new(
-                len.next_power_of_two().min(BOUNCE_CACHE_MAX),
-            ));
-        }
-        let buf = slot.as_mut().expect("just filled");
-        f(&mut buf.as_mut()[..len])
-    })
-}
-
-/// A heap buffer aligned for O_DIRECT.
-struct AlignedBuf {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        let layout = std::alloc::Layout::from_size_align(len.max(DIRECT_ALIGN), DIRECT_ALIGN)
-            .expect("valid layout");
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        AlignedBuf { ptr, len }
-    }
-    fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: ptr points at `len` initialised (zeroed) bytes owned by self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        let layout = std::alloc::Layout::from_size_align(self.len.max(DIRECT_ALIGN), DIRECT_ALIGN)
-            .expect("valid layout");
-        // SAFETY: allocated in `new` with this same layout.
-        unsafe { std::alloc::dealloc(self.ptr, layout) }
-    }
-}
-
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if !self.direct
@@ -223,11 +165,10 @@ impl Storage for FileStorage {
         let start = offset - offset % DIRECT_ALIGN as u64;
         let end = (offset + buf.len() as u64).next_multiple_of(DIRECT_ALIGN as u64);
         let skip = (offset - start) as usize;
-        with_bounce((end - start) as usize, |bounce| {
-            self.read_exact_zero_fill(bounce, start)?;
-            buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
-            Ok(())
-        })
+        let mut bounce = IoBuf::take((end - start) as usize);
+        self.read_exact_zero_fill(&mut bounce, start)?;
+        buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -245,21 +186,21 @@ impl Storage for FileStorage {
         // read-modify-writes of one block must not interleave.
         let _guard = partial.then(|| self.rmw.lock().unwrap_or_else(|e| e.into_inner()));
         let old_len = self.file.metadata()?.len();
-        with_bounce((end - start) as usize, |bounce| {
-            if partial {
-                // Only the first and the last block can be partial.
-                for block in [start, end - DIRECT_ALIGN as u64] {
-                    let b = (block - start) as usize;
-                    if block < old_len {
-                        self.read_exact_zero_fill(&mut bounce[b..b + DIRECT_ALIGN], block)?;
-                    } else {
-                        bounce[b..b + DIRECT_ALIGN].fill(0);
-                    }
+        // Pooled: no mmap and page faults per request.
+        let mut bounce = IoBuf::take((end - start) as usize);
+        if partial {
+            // Only the first and the last block can be partial.
+            for block in [start, end - DIRECT_ALIGN as u64] {
+                let b = (block - start) as usize;
+                if block < old_len {
+                    self.read_exact_zero_fill(&mut bounce[b..b + DIRECT_ALIGN], block)?;
+                } else {
+                    bounce[b..b + DIRECT_ALIGN].fill(0);
                 }
             }
-            bounce[skip..skip + buf.len()].copy_from_slice(buf);
-            self.file.write_all_at(bounce, start)
-        })?;
+        }
+        bounce[skip..skip + buf.len()].copy_from_slice(buf);
+        self.file.write_all_at(&bounce, start)?;
         let new_end = offset + buf.len() as u64;
         if end > old_len.max(new_end) {
             // The padding grew the file past what was asked: trim it back.
