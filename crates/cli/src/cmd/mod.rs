@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use image::Image;
-use image::open::{BackingChoice, OpenOptions, is_uri, resolve_backing_path};
+use image::open::{BackingChoice, OpenOptions, Opener, is_uri, resolve_backing_path};
 
 pub mod check;
 pub mod convert;
@@ -168,6 +168,12 @@ pub async fn walk_chain(
     Ok(layers)
 }
 
+/// What opens the backings that are not local files (`nbd://`,
+/// `nbd+unix://`): every command that opens a chain passes it on.
+pub fn network_opener() -> Arc<dyn Opener> {
+    Arc::new(nbd::client::NbdOpener::default())
+}
+
 /// Opens an image with its whole backing chain, read-only.
 pub async fn open_chain(
     path: &Path,
@@ -177,6 +183,7 @@ pub async fn open_chain(
     let opts = OpenOptions {
         force_share,
         format,
+        opener: Some(network_opener()),
         ..OpenOptions::default()
     };
     image::open(path, &opts)
