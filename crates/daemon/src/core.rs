@@ -628,13 +628,17 @@ impl Core {
             )));
         }
         let direct = direct.unwrap_or(file_direct);
+        let cache = if direct {
+            CacheMode::None
+        } else {
+            CacheMode::Writeback
+        };
         let opts = OpenOptions {
             writable: !read_only,
-            cache: if direct {
-                CacheMode::None
-            } else {
-                CacheMode::Writeback
-            },
+            cache,
+            // As in QEMU, a backing opened from the header inherits the
+            // node's cache.direct.
+            backing_cache: cache,
             format: Some(driver.to_string()),
             backing,
             // Backings named nbd://, nbd+unix:// (post-copy migration).
