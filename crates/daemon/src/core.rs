@@ -404,7 +404,7 @@ impl Core {
                 args.finish()?;
                 let job = self.find_job(name, &id)?;
                 apply_verb(&id, JobVerb::Finalize, job.status)?;
-                self.finalize(&id);
+                self.finalize_deferred(&id).await;
                 json!({})
             }
             "block-job-dismiss" | "job-dismiss" => {
@@ -947,7 +947,9 @@ impl Core {
             on_error: on_error.engine(),
             max_in_flight: in_flight.map_or(defaults.max_in_flight, |n| n.max(1) as usize),
             chunk_size: chunk.unwrap_or(defaults.chunk_size),
+            relink: auto_finalize,
         };
+        let deferred_link = (!auto_finalize).then(|| opts.base.clone());
         // Guest reads through an export copy what they fetch, as QEMU's
         // implicit copy-on-read filter does while a stream runs.
         let cor_before = image.copy_on_read();
@@ -965,6 +967,7 @@ impl Core {
             error: None,
             ended: false,
             cor_before,
+            deferred_link,
             engine,
         };
         // A finished job of the same node that was never dismissed stays
@@ -1141,6 +1144,28 @@ impl Core {
             data,
         );
         self.conclude(idx);
+    }
+
+    /// `block-job-finalize`: makes the link change the engine left for this
+    /// moment, then concludes; a failed change aborts the job with its
+    /// error, as a failed prepare does in QEMU.
+    async fn finalize_deferred(&mut self, id: &str) {
+        let Some(idx) = self.job_index(id) else {
+            return;
+        };
+        if let Some(base) = self.jobs[idx].deferred_link.take() {
+            let node = self.jobs[idx].node.clone();
+            let image = self.image_node(&node).map(|(_, i)| Arc::clone(i));
+            if let Some(image) = image
+                && let Err(e) = stream::finish(&image, &base).await
+            {
+                let job = &mut self.jobs[idx];
+                job.error = Some(e.to_string());
+                self.abort(idx, false);
+                return;
+            }
+        }
+        self.finalize(id);
     }
 
     fn finalize(&mut self, id: &str) {

@@ -625,3 +625,45 @@ async fn quick_pause_resume_is_never_mistaken_for_an_error_stop() {
     assert_streamed(&s).await;
     s.handle.shutdown().await;
 }
+
+/// With auto-finalize off the backing link stays until block-job-finalize
+/// (QEMU changes it in the job's prepare phase), so a job cancelled while
+/// pending leaves the image on its backing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backing_link_changes_at_finalize_not_before() {
+    let mut s = setup().await;
+    let h = s.handle.clone();
+    let mut seen = Vec::new();
+    exec(
+        &h,
+        "block-stream",
+        json!({"device": "top", "job-id": "j", "auto-finalize": false}),
+    )
+    .await;
+    until(&mut s.events, &mut seen, "BLOCK_JOB_PENDING", None).await;
+    assert!(s.image.backing().is_some(), "link dropped before finalize");
+    assert!(
+        s.overlay.backing().is_some(),
+        "header changed before finalize"
+    );
+    assert_eq!(s.overlay.allocated_bytes().unwrap(), SIZE);
+    exec(&h, "block-job-finalize", json!({"id": "j"})).await;
+    until(&mut s.events, &mut seen, "BLOCK_JOB_COMPLETED", None).await;
+    assert_streamed(&s).await;
+
+    // Cancelled while pending: the link stays.
+    let mut s = setup().await;
+    let h = s.handle.clone();
+    exec(
+        &h,
+        "block-stream",
+        json!({"device": "top", "job-id": "k", "auto-finalize": false}),
+    )
+    .await;
+    until(&mut s.events, &mut seen, "BLOCK_JOB_PENDING", None).await;
+    exec(&h, "block-job-cancel", json!({"device": "k"})).await;
+    until(&mut s.events, &mut seen, "BLOCK_JOB_CANCELLED", None).await;
+    assert!(s.image.backing().is_some());
+    assert!(s.overlay.backing().is_some());
+    assert_eq!(s.image.read(0, SIZE as usize).await.unwrap(), pattern());
+}

@@ -87,6 +87,7 @@ pub async fn run(args: StreamArgs) -> Result<ExitCode> {
         },
         max_in_flight: args.in_flight.max(1),
         chunk_size: args.chunk_size.max(512),
+        relink: true,
     };
     let json = args.output == "json";
     if let Some(offset) = args.step {
