@@ -9,6 +9,7 @@
 //! that answers the reply channel itself; opening an image is short and
 //! runs inline.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -56,6 +57,8 @@ pub const COMMANDS: &[&str] = &[
     "job-complete",
     "job-finalize",
     "job-dismiss",
+    "object-add",
+    "object-del",
     "nbd-server-start",
     "nbd-server-stop",
     "block-export-add",
@@ -202,7 +205,20 @@ pub struct Core {
     /// In creation order; a job leaves the list when it reaches `null`.
     jobs: Vec<BlockJob>,
     exports: Exports,
+    /// `object-add` objects by id: TLS credentials.
+    tls_creds: HashMap<String, TlsCreds>,
+    /// The credentials the running NBD server uses.
+    server_tls: Option<String>,
     package: String,
+}
+
+/// A `tls-creds-x509` object: QEMU's file names in `dir`.
+#[derive(Debug)]
+struct TlsCreds {
+    endpoint: String,
+    /// Loaded at object-add, as QEMU loads them (server endpoint only: the
+    /// daemon has no use for client credentials).
+    server: Option<nbd::tls::ServerTls>,
 }
 
 /// Creates the core and its handle; run the core with [`Core::run`].
@@ -220,6 +236,8 @@ pub fn new(package: &str) -> (Core, Handle) {
         nodes: Vec::new(),
         jobs: Vec::new(),
         exports: Exports::default(),
+        tls_creds: HashMap::new(),
+        server_tls: None,
         package: package.to_string(),
     };
     let handle = Handle {
@@ -419,14 +437,37 @@ impl Core {
                 let addr = args
                     .opt_object("addr")?
                     .ok_or_else(|| QmpError::generic("Parameter 'addr' is missing"))?;
-                if args.opt_str("tls-creds")?.is_some() || args.opt_str("tls-authz")?.is_some() {
+                let creds = args.opt_str("tls-creds")?;
+                if args.opt_str("tls-authz")?.is_some() {
                     return Err(QmpError::generic(
-                        "tls-creds/tls-authz need QOM credential objects (object-add), which diskstream daemon does not have",
+                        "tls-authz is not supported by diskstream daemon (authorization \
+                         objects); use verify-peer=on credentials to require client certificates",
                     ));
                 }
                 args.finish()?;
                 let addr = NbdAddr::from_args(addr)?;
-                self.exports.start(&addr).await?;
+                let tls = match &creds {
+                    None => None,
+                    Some(id) => Some(self.server_tls_creds(id)?),
+                };
+                self.exports.start(&addr, tls).await?;
+                self.server_tls = creds;
+                json!({})
+            }
+            "object-add" => self.object_add(args)?,
+            "object-del" => {
+                let id = args.str("id")?;
+                args.finish()?;
+                if !self.tls_creds.contains_key(&id) {
+                    return Err(QmpError::generic(format!("object '{id}' not found")));
+                }
+                if self.server_tls.as_deref() == Some(id.as_str()) && self.exports.server_running()
+                {
+                    return Err(QmpError::generic(format!(
+                        "object '{id}' is in use by the NBD server and cannot be deleted"
+                    )));
+                }
+                self.tls_creds.remove(&id);
                 json!({})
             }
             "nbd-server-stop" => {
@@ -466,6 +507,59 @@ impl Core {
     }
 
     // ---- nodes -----------------------------------------------------------
+
+    /// `object-add`: the one QOM type the daemon has, `tls-creds-x509`
+    /// (`dir` with QEMU's file names, `endpoint`, `verify-peer`).
+    fn object_add(&mut self, mut args: Args) -> Result<Value, QmpError> {
+        let qom_type = args.str("qom-type")?;
+        let id = args.str("id")?;
+        if qom_type != "tls-creds-x509" {
+            return Err(QmpError::generic(format!(
+                "object type '{qom_type}' is not supported by diskstream daemon \
+                 (only tls-creds-x509)"
+            )));
+        }
+        if !id_wellformed(&id) {
+            return Err(QmpError::generic(format!("Invalid object ID '{id}'")));
+        }
+        if self.tls_creds.contains_key(&id) {
+            return Err(QmpError::generic(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            )));
+        }
+        let dir = PathBuf::from(args.str("dir")?);
+        let endpoint = args
+            .opt_enum("endpoint", &["client", "server"])?
+            .unwrap_or_else(|| "client".into());
+        let verify_peer = args.opt_bool("verify-peer")?.unwrap_or(true);
+        args.finish()?;
+        let server = if endpoint == "server" {
+            let (cert, key) = (dir.join("server-cert.pem"), dir.join("server-key.pem"));
+            let cfg = if verify_peer {
+                nbd::tls::server_config_verify_clients(&cert, &key, &dir.join("ca-cert.pem"))
+            } else {
+                nbd::tls::server_config(&cert, &key)
+            };
+            Some(cfg.map_err(|e| QmpError::generic(format!("tls-creds-x509 '{id}': {e}")))?)
+        } else {
+            None
+        };
+        self.tls_creds.insert(id, TlsCreds { endpoint, server });
+        Ok(json!({}))
+    }
+
+    fn server_tls_creds(&self, id: &str) -> Result<nbd::tls::ServerTls, QmpError> {
+        let creds = self
+            .tls_creds
+            .get(id)
+            .ok_or_else(|| QmpError::generic(format!("No TLS credentials with id '{id}'")))?;
+        match &creds.server {
+            Some(c) if creds.endpoint == "server" => Ok(Arc::clone(c)),
+            _ => Err(QmpError::generic(
+                "Expecting TLS credentials with a server endpoint",
+            )),
+        }
+    }
 
     fn node(&self, name: &str) -> Option<&Node> {
         self.nodes.iter().find(|n| n.name == name)
