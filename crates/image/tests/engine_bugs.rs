@@ -128,6 +128,7 @@ async fn engine_bug_create_refuses_512b_clusters_with_a_backing() {
                 format: Some("raw".into()),
             }),
             ..CreateOptions::default()
+            ..Default::default()
         },
     )
     .await

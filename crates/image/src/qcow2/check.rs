@@ -10,7 +10,7 @@
 //! repair leaves the old state), as qemu's `rebuild_refcount_structure` does.
 
 use super::Meta;
-use super::entry::{COPIED, L2Entry, OFFSET_MASK, get_be64, l1_table};
+use super::entry::{COMPRESSED, COPIED, Entry, L2Entry, OFFSET_MASK, get_be64, l1_table};
 use super::refcount::{max_refcount, set_entry};
 use crate::Result;
 use crate::format::{CheckReport, Repair};
@@ -79,8 +79,29 @@ fn walk_l1(m: &Meta, w: &mut Walk, l1_off: u64, l1: &[u64], active: bool) -> Res
         }
         let l2 = read_u64s(m, l2_off, (cs / 8) as usize)?;
         let mut next_contiguous = 0u64;
-        for (j, &e) in l2.iter().enumerate() {
-            let entry = L2Entry::decode(e, cb);
+        // With extended L2 entries, every other word is a subcluster bitmap.
+        let words = if m.ext { 2 } else { 1 };
+        for (j, &e) in l2.iter().enumerate().step_by(words) {
+            let bitmap = if m.ext { l2[j + 1] } else { 0 };
+            let entry = match Entry::decode(e, bitmap, cb, m.ext) {
+                Ok(x) => x.l2,
+                Err(msg) => {
+                    w.report.corruptions += 1;
+                    w.report.messages.push(format!(
+                        "ERROR L2 table {l2_off:#x} entry {}: {msg}",
+                        j / words
+                    ));
+                    L2Entry::decode(e & !1, cb)
+                }
+            };
+            if m.ext && e & COMPRESSED != 0 && bitmap != 0 {
+                w.report.corruptions += 1;
+                w.report.messages.push(format!(
+                    "ERROR compressed cluster {} with non-zero subcluster allocation bitmap, \
+                     entry={e:#x}",
+                    j / words
+                ));
+            }
             match entry {
                 L2Entry::Compressed { host, len } => {
                     if e & COPIED != 0 {

@@ -95,6 +95,7 @@ pub fn mem_qcow2_bytes(size: u64, cluster: u64, backing: Option<(&str, &str)>) -
                 name: n.into(),
                 format: Some(f.into()),
             }),
+            ..Default::default()
         },
     )
     .expect("qcow2::create");
