@@ -128,7 +128,6 @@ async fn engine_bug_create_refuses_512b_clusters_with_a_backing() {
                 format: Some("raw".into()),
             }),
             ..CreateOptions::default()
-            ..Default::default()
         },
     )
     .await
@@ -159,6 +158,7 @@ async fn whole_device_write_512b() {
             size,
             cluster_size: Some(512),
             backing: None,
+            ..Default::default()
         },
     )
     .unwrap();
