@@ -118,7 +118,11 @@ pub trait Format: Send + Sync + Debug {
     /// that nothing below holds. Adjacent unallocated ranges are merged only
     /// when those places are contiguous.
     fn map_holes(&self, offset: u64, len: u64) -> Result<Vec<(MappedRange, Option<u64>)>> {
-        Ok(self.map(offset, len)?.into_iter().map(|r| (r, None)).collect())
+        Ok(self
+            .map(offset, len)?
+            .into_iter()
+            .map(|r| (r, None))
+            .collect())
     }
 
     /// Reads what this layer holds into `buf` (data, zeros, decompressed

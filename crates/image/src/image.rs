@@ -694,10 +694,9 @@ impl BlockDevice for Image {
                 }
                 // With nothing below, a range that still has a place in this
                 // file reports it, as qemu-img map does.
-                Mapping::Unallocated if !has_backing && hole_offset.is_some() => push_extent(
-                    &mut out,
-                    e(ExtentKind::Hole, None, hole_offset, false),
-                ),
+                Mapping::Unallocated if !has_backing && hole_offset.is_some() => {
+                    push_extent(&mut out, e(ExtentKind::Hole, None, hole_offset, false))
+                }
                 Mapping::Unallocated => self.status_below(r.offset, r.length, &mut out).await?,
             }
         }

@@ -738,23 +738,19 @@ async fn xl2_fixture(
 
 #[test]
 fn conformance_qcow2_xl2_no_backing() {
-    with_deadline(
-        "conformance_qcow2_xl2_no_backing",
-        SUITE_TIMEOUT,
-        async {
-            let size = (6 << 20) + 512;
-            let f = xl2_fixture(
-                "qcow2-xl2-64k",
-                size,
-                64 << 10,
-                None,
-                tempfile::tempdir().unwrap(),
-                vec![0; size as usize],
-            )
-            .await;
-            suite(f).await;
-        },
-    );
+    with_deadline("conformance_qcow2_xl2_no_backing", SUITE_TIMEOUT, async {
+        let size = (6 << 20) + 512;
+        let f = xl2_fixture(
+            "qcow2-xl2-64k",
+            size,
+            64 << 10,
+            None,
+            tempfile::tempdir().unwrap(),
+            vec![0; size as usize],
+        )
+        .await;
+        suite(f).await;
+    });
 }
 
 #[test]

@@ -24,7 +24,10 @@ fn s(p: &Path) -> &str {
 }
 
 fn run(tool: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(tool).args(args).output().unwrap();
+    let out = std::process::Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -190,7 +193,11 @@ async fn qemu_written_subclusters_read_identically() {
             let off = rng.below(size - 5000);
             let len = rng.range(1, 5000) as usize;
             let got = dev.read(off, len).await.unwrap();
-            assert_eq!(got, theirs[off as usize..off as usize + len], "{name} at {off}");
+            assert_eq!(
+                got,
+                theirs[off as usize..off as usize + len],
+                "{name} at {off}"
+            );
         }
         let q: serde_json::Value =
             serde_json::from_str(&run("qemu-img", &["map", "--output=json", s(&img)])).unwrap();
@@ -211,7 +218,10 @@ async fn qemu_written_subclusters_read_identically() {
             .collect();
         let layers = dev.info().layers;
         let mut ours: Vec<(u64, u64, u64, bool, bool, Option<u64>)> = Vec::new();
-        for e in image::device::block_status_all(&*dev, 0, size).await.unwrap() {
+        for e in image::device::block_status_all(&*dev, 0, size)
+            .await
+            .unwrap()
+        {
             let depth = u64::from(e.qemu_map_depth(layers));
             let present = e.kind != image::device::ExtentKind::Hole;
             let zero = e.kind != image::device::ExtentKind::Data;
@@ -256,8 +266,16 @@ async fn our_subcluster_writes_pass_qemu_check_and_compare() {
     run(
         "qemu-img",
         &[
-            "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
-            "extended_l2=on,cluster_size=64k", s(&src), s(&comp),
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=64k",
+            s(&src),
+            s(&comp),
         ],
     );
     let fresh = dir.path().join("fresh.qcow2");
@@ -308,7 +326,9 @@ async fn format_specific_reports_extended_l2() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("x.qcow2");
     create_xl2(&path, 1 << 20, 32 << 10, None).await;
-    let img = open(&path, &OpenOptions::default()).await.unwrap_or_else(|e| panic!("{e}"));
+    let img = open(&path, &OpenOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let fs = img.format().format_specific().unwrap();
     assert_eq!(fs["data"]["extended-l2"], true, "{fs}");
     let q: serde_json::Value =
@@ -372,7 +392,10 @@ fn hostile_extended_entries_give_clear_errors() {
     let (good, l2) = small_xl2();
     let l2 = l2 as usize;
     let bitmap0 = u64::from_be_bytes(good[l2 + 8..l2 + 16].try_into().unwrap());
-    assert_eq!(bitmap0, 0b11, "1 KiB of 16 KiB clusters: subclusters 0 and 1");
+    assert_eq!(
+        bitmap0, 0b11,
+        "1 KiB of 16 KiB clusters: subclusters 0 and 1"
+    );
     let cases: [(&str, Box<dyn Fn(&mut Vec<u8>)>); 3] = [
         (
             "both allocated and zero",

@@ -193,7 +193,10 @@ impl Entry {
     /// The host cluster this entry's data lives in (not for compressed).
     pub fn host(self) -> Option<u64> {
         match self.l2 {
-            L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. } => Some(host),
+            L2Entry::Normal { host, .. }
+            | L2Entry::Zero {
+                host: Some(host), ..
+            } => Some(host),
             _ => None,
         }
     }

@@ -610,7 +610,10 @@ mod tests {
         h.incompatible_features |= INCOMPAT_EXTL2;
         h.cluster_bits = 13;
         h.l1_size = 1 << 10;
-        expect_invalid(&h.encode(p()).unwrap(), "extended L2 entries need cluster_bits");
+        expect_invalid(
+            &h.encode(p()).unwrap(),
+            "extended L2 entries need cluster_bits",
+        );
     }
 
     #[test]
@@ -620,7 +623,11 @@ mod tests {
         h.incompatible_features |= INCOMPAT_EXTL2;
         expect_invalid(&h.encode(p()).unwrap(), "l1_size 2 is too small");
         h.l1_size = 4;
-        assert!(Header::decode(&h.encode(p()).unwrap(), p()).unwrap().extended_l2());
+        assert!(
+            Header::decode(&h.encode(p()).unwrap(), p())
+                .unwrap()
+                .extended_l2()
+        );
     }
 
     #[test]

@@ -28,7 +28,9 @@ use crate::storage::Storage;
 use crate::{Error, Result};
 
 use cache::TableCache;
-use entry::{ALL_ALLOC, ALL_ZERO, COPIED, Entry, L2Entry, Unit, get_be64, l1_table, put_be64, unit_mask};
+use entry::{
+    ALL_ALLOC, ALL_ZERO, COPIED, Entry, L2Entry, Unit, get_be64, l1_table, put_be64, unit_mask,
+};
 use header::Header;
 
 pub use header::MAGIC;
@@ -939,7 +941,9 @@ impl Qcow2 {
         match p.source {
             Source::InPlace => false,
             Source::ReuseZero => true,
-            Source::Replace => !self.ext || p.old.host().is_some() || p.old.unit(0) == Unit::Compressed,
+            Source::Replace => {
+                !self.ext || p.old.host().is_some() || p.old.unit(0) == Unit::Compressed
+            }
         }
     }
 
