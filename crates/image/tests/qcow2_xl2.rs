@@ -288,7 +288,7 @@ async fn our_subcluster_writes_pass_qemu_check_and_compare() {
             let off = rng.below(size - 70_000);
             let len = rng.range(1, 70_000);
             match i % 5 {
-                0 | 1 | 2 => {
+                0..=2 => {
                     let d = rng.bytes(len as usize);
                     img.write(off, Bytes::from(d.clone()), WriteFlags::default())
                         .await
@@ -396,18 +396,19 @@ fn hostile_extended_entries_give_clear_errors() {
         bitmap0, 0b11,
         "1 KiB of 16 KiB clusters: subclusters 0 and 1"
     );
-    let cases: [(&str, Box<dyn Fn(&mut Vec<u8>)>); 3] = [
+    type Mutation = Box<dyn Fn(&mut [u8])>;
+    let cases: [(&str, Mutation); 3] = [
         (
             "both allocated and zero",
-            Box::new(move |b: &mut Vec<u8>| b[l2 + 8 + 3] |= 1),
+            Box::new(move |b: &mut [u8]| b[l2 + 8 + 3] |= 1),
         ),
         (
             "no host cluster but allocated subclusters",
-            Box::new(move |b: &mut Vec<u8>| b[l2 + 16 + 15] = 0x10),
+            Box::new(move |b: &mut [u8]| b[l2 + 16 + 15] = 0x10),
         ),
         (
             "non-zero subcluster allocation bitmap",
-            Box::new(move |b: &mut Vec<u8>| {
+            Box::new(move |b: &mut [u8]| {
                 // Entry 2: compressed, with a bitmap.
                 b[l2 + 32..l2 + 40].copy_from_slice(&((1u64 << 62) | 0x20000).to_be_bytes());
                 b[l2 + 47] = 1;

@@ -11,6 +11,13 @@
 //! sync, L1 table, sync. Clusters freed by a request are only queued, and
 //! their refcounts drop after the L2 change that released them is durable,
 //! so a cluster is never reused while an on-disk L2 entry still points at it.
+//!
+//! With extended L2 entries (subclusters) the allocation unit is a
+//! subcluster (cluster / 32): `entry::Entry` says what each unit is, a write
+//! into an unallocated cluster gives it a host cluster but writes only the
+//! subclusters it touches, and because the layer above then serialises
+//! requests per subcluster only, a write that allocates a cluster claims it
+//! (`Meta::allocating`) until its L2 update is in place.
 
 mod cache;
 mod check;
