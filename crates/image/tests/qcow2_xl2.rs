@@ -439,5 +439,27 @@ fn hostile_extended_entries_give_clear_errors() {
         std::fs::write(&path, &bytes).unwrap();
         let (code, out) = qemu_img(&["check", "-f", "qcow2", s(&path)]);
         assert_eq!(code, 2, "{what}: qemu-img check:\n{out}");
+        // check -r all repairs the bitmap (allocation wins over zero) and
+        // keeps the data.
+        let st = Arc::new(MemStorage::from_bytes("bad.qcow2", bytes));
+        let q = Qcow2::open(
+            Arc::clone(&st) as Arc<dyn Storage>,
+            &Qcow2Options {
+                writable: true,
+                cache_bytes: None,
+            },
+        )
+        .unwrap();
+        let report = q.check(Some(image::format::Repair::All)).unwrap();
+        assert!(report.corruptions_fixed > 0, "{what}: {report:?}");
+        let report = q.check(None).unwrap();
+        assert_eq!(report.corruptions, 0, "{what}: after repair: {report:?}");
+        let mut buf = vec![0u8; 1024];
+        assert!(q.read(0, &mut buf).unwrap().is_empty());
+        assert_eq!(buf, vec![7u8; 1024], "{what}: data kept");
+        q.close().unwrap();
+        std::fs::write(&path, st.snapshot()).unwrap();
+        let (code, out) = qemu_img(&["check", "-f", "qcow2", s(&path)]);
+        assert_eq!(code, 0, "{what}: qemu-img check after repair:\n{out}");
     }
 }
