@@ -669,9 +669,10 @@ impl BlockDevice for Image {
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_range(self.size(), offset, len)?;
-        let map = blocking(&self.format, move |f| f.map(offset, len)).await?;
+        let map = blocking(&self.format, move |f| f.map_holes(offset, len)).await?;
         let mut out = Vec::new();
-        for r in map {
+        let has_backing = self.backing().is_some();
+        for (r, hole_offset) in map {
             let e = |kind, depth, host_offset, compressed| Extent {
                 offset: r.offset,
                 length: r.length,
@@ -690,6 +691,11 @@ impl BlockDevice for Image {
                 }
                 Mapping::Zero { host_offset } => {
                     push_extent(&mut out, e(ExtentKind::Zero, Some(0), host_offset, false))
+                }
+                // With nothing below, a range that still has a place in this
+                // file reports it, as qemu-img map does.
+                Mapping::Unallocated if !has_backing && hole_offset.is_some() => {
+                    push_extent(&mut out, e(ExtentKind::Hole, None, hole_offset, false))
                 }
                 Mapping::Unallocated => self.status_below(r.offset, r.length, &mut out).await?,
             }

@@ -313,6 +313,8 @@ pub struct CreateOptions {
     pub backing: Option<BackingSpec>,
     /// qcow2 cluster size; `None` for the default (64 KiB).
     pub cluster_size: Option<u64>,
+    /// qcow2 extended L2 entries (subclusters).
+    pub extended_l2: bool,
     pub cache: CacheMode,
 }
 
@@ -365,6 +367,7 @@ pub async fn create(path: &Path, kind: FormatKind, opts: &CreateOptions) -> Resu
                     size,
                     cluster_size: o.cluster_size,
                     backing: o.backing.clone(),
+                    extended_l2: o.extended_l2,
                 },
             ),
             FormatKind::Raw => raw::create(&storage, size),

@@ -77,6 +77,9 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     if fo.cluster_size.is_some() && kind != FormatKind::Qcow2 {
         anyhow::bail!("{}: cluster_size is a qcow2 option", dst_path.display());
     }
+    if fo.extended_l2 && kind != FormatKind::Qcow2 {
+        anyhow::bail!("{}: extended_l2 is a qcow2 option", dst_path.display());
+    }
     let src = open_chain(&a.src, a.format.clone(), a.force_share).await?;
     let layers = walk_chain(&a.src, a.format.clone(), true).await?;
     for layer in &layers {
@@ -96,6 +99,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let copts = CreateOptions {
         size: Some(size),
         cluster_size: fo.cluster_size,
+        extended_l2: fo.extended_l2,
         cache: a.cache,
         ..CreateOptions::default()
     };

@@ -35,7 +35,8 @@ pub struct Args {
     #[arg(short = 'F', long = "backing-format")]
     backing_format: Option<String>,
     /// Format options, comma separated: cluster_size=N (qcow2; a power of
-    /// two from 512 bytes to 2 MiB, suffixes allowed).
+    /// two from 512 bytes to 2 MiB, suffixes allowed), extended_l2=on|off
+    /// (qcow2 subclusters; clusters of at least 16 KiB).
     #[arg(short = 'o', long = "options")]
     options: Option<String>,
     /// Do not print the "Formatting ..." line.
@@ -56,6 +57,8 @@ pub struct Args {
 #[derive(Debug, Default)]
 pub struct FormatOptions {
     pub cluster_size: Option<u64>,
+    /// qcow2 extended L2 entries (subclusters).
+    pub extended_l2: bool,
 }
 
 /// Parses `-o key=value[,key=value...]`.
@@ -81,8 +84,18 @@ pub fn parse_options(s: Option<&str>, image: &std::path::Path) -> anyhow::Result
                 }
                 o.cluster_size = Some(n);
             }
+            "extended_l2" => {
+                o.extended_l2 = match v {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => anyhow::bail!(
+                        "{}: extended_l2 must be on or off, not '{v}'",
+                        image.display()
+                    ),
+                };
+            }
             _ => anyhow::bail!(
-                "{}: unknown option '{k}' (known: cluster_size)",
+                "{}: unknown option '{k}' (known: cluster_size, extended_l2)",
                 image.display()
             ),
         }
@@ -100,6 +113,9 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let fo = parse_options(a.options.as_deref(), path)?;
     if fo.cluster_size.is_some() && kind != FormatKind::Qcow2 {
         anyhow::bail!("{}: cluster_size is a qcow2 option", path.display());
+    }
+    if fo.extended_l2 && kind != FormatKind::Qcow2 {
+        anyhow::bail!("{}: extended_l2 is a qcow2 option", path.display());
     }
     if a.backing_format.is_some() && a.backing.is_none() {
         anyhow::bail!("{}: -F needs a backing file (-b)", path.display());
@@ -170,6 +186,9 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         if let Some(c) = fo.cluster_size {
             line += &format!(" cluster_size={c}");
         }
+        if fo.extended_l2 {
+            line += " extended_l2=on";
+        }
         line += &format!(" size={size}");
         if let Some(spec) = &backing {
             line += &format!(
@@ -184,6 +203,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         size: Some(size),
         backing,
         cluster_size: fo.cluster_size,
+        extended_l2: fo.extended_l2,
         cache: a.cache,
     };
     image::create(path, kind, &opts)
