@@ -112,6 +112,15 @@ impl Exports {
         self.recs.iter().any(|r| r.node == node)
     }
 
+    /// The ids of the exports of `node`.
+    pub fn ids_of_node(&self, node: &str) -> Vec<String> {
+        self.recs
+            .iter()
+            .filter(|r| r.node == node)
+            .map(|r| r.id.clone())
+            .collect()
+    }
+
     pub async fn start(&mut self, addr: &NbdAddr) -> Result<(), QmpError> {
         if self.server.is_some() {
             return Err(QmpError::generic("NBD server already running"));
