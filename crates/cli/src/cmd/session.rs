@@ -200,7 +200,6 @@ impl Session {
         let t0 = Instant::now();
         let addr = NbdAddr::parse(&cfg.serve).map_err(anyhow::Error::msg)?;
         let src = create_overlay(cfg).await?;
-        let before = src.device.info();
         let oopts = OpenOptions {
             writable: true,
             format: Some("qcow2".into()),
@@ -243,12 +242,12 @@ impl Session {
                 "source-bytes-read": source_bytes_before_ready,
             }),
             &format!(
-                "serving {} at {uri} (ready in {:.1} ms; {} {} virtual, backed by {})",
+                "serving {} at {uri} (ready in {:.1} ms; {} virtual, backed by {} ({}))",
                 cfg.image.display(),
                 ready.as_secs_f64() * 1e3,
-                before.format,
                 human(img.size()),
-                src.name
+                src.name,
+                src.format,
             ),
         );
         let sopts = StreamOptions {
