@@ -463,3 +463,74 @@ fn deploy_serves_before_reading_any_data_at_two_sizes() {
         assert!(o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("fail"));
     }
 }
+
+/// Bad requests get one clear line and leave files as they were.
+#[test]
+fn deploy_and_receive_refuse_bad_input_clearly() {
+    let d = Dir::new();
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-f", "qcow2", "base.qcow2", "4M"],
+    );
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-f", "qcow2", "vm0.qcow2", "4M"],
+    );
+    let before = common::digest(&d.path("vm0.qcow2"));
+    let sock = format!("unix:{}", d.s("s.sock"));
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["deploy", "--serve", &sock, "base.qcow2", "vm0.qcow2"],
+            "already exists",
+        ),
+        (
+            &["deploy", "--policy", "adaptive", "base.qcow2", "new.qcow2"],
+            "not available yet",
+        ),
+        (
+            &["deploy", "--policy", "turbo", "base.qcow2", "new.qcow2"],
+            "unknown policy",
+        ),
+        (&["deploy", "-f", "qed", "base.qcow2", "new.qcow2"], "qed"),
+        (
+            &["deploy", "--serve", &sock, "missing.qcow2", "new.qcow2"],
+            "missing.qcow2",
+        ),
+        (
+            &["deploy", "--serve", &sock, "ftp://x/y", "new.qcow2"],
+            "not available",
+        ),
+        (
+            &["deploy", "--serve", "nowhere", "base.qcow2", "new.qcow2"],
+            "unix:PATH or HOST:PORT",
+        ),
+        (
+            &[
+                "migrate",
+                "receive",
+                "--from",
+                "nbd+unix:///vm0?socket=/nonexistent.sock",
+                "--to",
+                "new.qcow2",
+                "--serve",
+                &sock,
+            ],
+            "connect",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = common::ds(&d, args);
+        let err = common::stderr(&o);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        // One line says it (clap adds a "--help" hint below usage errors).
+        let first = err.lines().next().unwrap_or_default();
+        assert!(first.contains(want), "{args:?}: {err}");
+    }
+    assert_eq!(common::digest(&d.path("vm0.qcow2")), before);
+    assert!(
+        !d.path("new.qcow2").exists(),
+        "a failed deploy left its overlay"
+    );
+}

@@ -199,6 +199,18 @@ impl Session {
     pub async fn start(cfg: &SessionConfig, report: &Reporter) -> Result<Session> {
         let t0 = Instant::now();
         let addr = NbdAddr::parse(&cfg.serve).map_err(anyhow::Error::msg)?;
+        if cfg.image.exists() {
+            bail!(
+                "{}: already exists; give a new file for the overlay",
+                cfg.image.display()
+            );
+        }
+        // Bound first: an address in use fails before any file is made.
+        // Clients queue in the backlog until the server runs below.
+        let listener = match &addr {
+            NbdAddr::Unix(p) => Listener::bind_unix(p)?,
+            NbdAddr::Inet { host, port } => Listener::bind_tcp(&format!("{host}:{port}")).await?,
+        };
         let src = create_overlay(cfg).await?;
         let oopts = OpenOptions {
             writable: true,
@@ -206,15 +218,16 @@ impl Session {
             backing: BackingChoice::Device(Arc::clone(&src.device)),
             ..OpenOptions::default()
         };
-        let img = image::open(&cfg.image, &oopts)
-            .await
-            .map_err(|e| super::file_error(&cfg.image, e))?;
+        let img = match image::open(&cfg.image, &oopts).await {
+            Ok(img) => img,
+            Err(e) => {
+                // Made just now and never served: leave nothing behind.
+                let _ = std::fs::remove_file(&cfg.image);
+                return Err(super::file_error(&cfg.image, e));
+            }
+        };
         img.set_copy_on_read(true, None);
         let log = Arc::new(WriteLog::new(Arc::clone(&img) as Arc<dyn BlockDevice>));
-        let listener = match &addr {
-            NbdAddr::Unix(p) => Listener::bind_unix(p)?,
-            NbdAddr::Inet { host, port } => Listener::bind_tcp(&format!("{host}:{port}")).await?,
-        };
         let ready = t0.elapsed();
         let source_bytes_before_ready = img.stats().snapshot().backing_read_bytes;
         let uri = export_uri(&listener, &addr, &cfg.export);
