@@ -534,3 +534,59 @@ fn deploy_and_receive_refuse_bad_input_clearly() {
         "a failed deploy left its overlay"
     );
 }
+
+/// `deploy --qmp`: the daemon opens the overlay with copy-on-read, exports
+/// it and streams it; deploy follows the job to its end.
+#[test]
+fn deploy_hands_the_overlay_to_a_daemon() {
+    let d = Dir::new();
+    let src = d.path("src.raw");
+    source_raw(&src, 16 * MIB);
+    let (qmp, nbd) = (d.path("qmp.sock"), d.path("nbd.sock"));
+    let daemon = Proc(
+        Command::new(bin())
+            .args(["daemon", "--qmp"])
+            .arg(&qmp)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_socket(&qmp);
+    let out = ds_ok(
+        &d,
+        &[
+            "deploy",
+            "--qmp",
+            qmp.to_str().unwrap(),
+            "--serve",
+            &format!("unix:{}", nbd.display()),
+            "-F",
+            "raw",
+            "src.raw",
+            "vm0.qcow2",
+        ],
+    );
+    assert!(out.contains("complete"), "{out}");
+    let uri = format!("nbd+unix:///vm0?socket={}", nbd.display());
+    qio_ok(&uri, &["read -P 17 1M 64k", "write -P 0x77 0 64k"]);
+    term(&daemon);
+    let mut daemon = daemon;
+    assert!(daemon.wait_exit().success());
+    assert_independent_and_clean(&d, &d.s("vm0.qcow2"));
+    let mut expect = std::fs::read(&src).unwrap();
+    expect[..65536].fill(0x77);
+    std::fs::write(d.path("expect.raw"), &expect).unwrap();
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            &d.s("expect.raw"),
+            &d.s("vm0.qcow2"),
+        ],
+    );
+}
