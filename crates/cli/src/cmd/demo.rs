@@ -87,6 +87,7 @@ fn layout(size: u64) -> Vec<Region> {
         o += 320 * KIB;
     }
     base.push(("/var/log", 600 * MIB, 20 * MIB));
+    base.sort_by_key(|&(_, o, _)| o);
     let unit = 64 * KIB;
     let scale = |v: u64| -> u64 { ((v as u128 * size as u128 / GIB as u128) as u64) / unit * unit };
     let mut out: Vec<Region> = Vec::new();
