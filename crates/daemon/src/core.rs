@@ -65,6 +65,7 @@ pub const COMMANDS: &[&str] = &[
     "block-export-del",
     "query-block-exports",
     "__com.diskstream_block-stream-step",
+    "__com.diskstream_migrate-send",
 ];
 
 type Reply = oneshot::Sender<Result<Value, QmpError>>;
@@ -496,6 +497,7 @@ impl Core {
                 args.finish()?;
                 self.exports.query()
             }
+            "__com.diskstream_migrate-send" => self.migrate_send(args).await?,
             other => {
                 return Err(QmpError::new(
                     ErrorClass::CommandNotFound,
@@ -799,6 +801,66 @@ impl Core {
             writable,
             device,
             node_read_only: read_only,
+        })?;
+        Ok(json!({}))
+    }
+
+    /// `__com.diskstream_migrate-send`: the source side of post-copy
+    /// migration in one step. Flushes the node, freezes it read-only for
+    /// every holder (what QEMU reaches with `blockdev-reopen` to
+    /// `read-only: true`; writes still arriving from a VM that was not
+    /// stopped fail instead of diverging from what the destination copies),
+    /// replaces its exports with one read-only export (`name`, default the
+    /// node name, so the destination finds the disk under the name the VM
+    /// used), and returns. The NBD server must run (`nbd-server-start`). A
+    /// node with a block job is refused: it would still be changing.
+    async fn migrate_send(&mut self, mut args: Args) -> Result<Value, QmpError> {
+        let node = args.str("node-name")?;
+        let id = args.opt_str("id")?;
+        let name = args.opt_str("name")?;
+        args.finish()?;
+        let (_, image) = self.image_node(&node).ok_or_else(|| {
+            QmpError::generic(format!(
+                "Cannot find device='{node}' nor node-name='{node}'"
+            ))
+        })?;
+        let image = Arc::clone(image);
+        if let Some(id) = id.as_deref().filter(|i| !id_wellformed(i)) {
+            return Err(QmpError::generic(format!("Invalid block export id '{id}'")));
+        }
+        if self
+            .jobs
+            .iter()
+            .any(|j| j.node == node && j.status != JobStatus::Null)
+        {
+            return Err(QmpError::generic(format!(
+                "Node '{node}' has a block job; cancel or finish it before migrating"
+            )));
+        }
+        if !self.exports.server_running() {
+            return Err(QmpError::generic("NBD server not running"));
+        }
+        image
+            .flush()
+            .await
+            .map_err(|e| QmpError::generic(format!("Could not flush '{node}': {e}")))?;
+        image.set_copy_on_read(false, None);
+        image.freeze();
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.name == node) {
+            n.read_only = true;
+        }
+        for old in self.exports.ids_of_node(&node) {
+            self.exports.del(&old)?;
+            self.emit("BLOCK_EXPORT_DELETED", json!({"id": old}));
+        }
+        self.exports.add(NewExport {
+            id: id.unwrap_or_else(|| node.clone()),
+            node: node.clone(),
+            name,
+            description: Some("post-copy migration source (read-only)".into()),
+            writable: false,
+            device: image as Arc<dyn BlockDevice>,
+            node_read_only: true,
         })?;
         Ok(json!({}))
     }

@@ -112,6 +112,16 @@ impl Exports {
         self.recs.iter().any(|r| r.node == node)
     }
 
+    /// The ids of the exports of `node`.
+    pub fn ids_of_node(&self, node: &str) -> Vec<String> {
+        self.recs
+            .iter()
+            .filter(|r| r.node == node)
+            .map(|r| r.id.clone())
+            .collect()
+    }
+
+
     /// Starts the NBD server; with `tls`, every client must upgrade to TLS
     /// before it sees anything (the export list included).
     pub async fn start(

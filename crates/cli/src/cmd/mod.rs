@@ -17,14 +17,19 @@ pub mod check;
 pub mod convert;
 pub mod create;
 pub mod daemon;
+pub mod demo;
+pub mod deploy;
 pub mod info;
 pub mod job;
 pub mod map;
+pub mod migrate;
 pub mod progress;
 pub mod pull;
 pub mod pull_step;
 pub mod qmp;
 pub mod serve;
+pub mod session;
+pub mod source;
 pub mod stream;
 
 /// `--output` of the reporting commands, as qemu-img's.
