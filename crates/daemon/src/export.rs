@@ -121,7 +121,6 @@ impl Exports {
             .collect()
     }
 
-
     /// Starts the NBD server; with `tls`, every client must upgrade to TLS
     /// before it sees anything (the export list included).
     pub async fn start(

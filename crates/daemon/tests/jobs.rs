@@ -666,6 +666,7 @@ async fn the_backing_link_changes_at_finalize_not_before() {
     assert!(s.image.backing().is_some());
     assert!(s.overlay.backing().is_some());
     assert_eq!(s.image.read(0, SIZE as usize).await.unwrap(), pattern());
+}
 
 /// `__com.diskstream_migrate-send`: refused while the node still changes
 /// (a job runs) or with no NBD server; then flushes, freezes the image for
