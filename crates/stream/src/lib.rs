@@ -13,6 +13,8 @@
 
 mod base;
 mod job;
+pub mod policy;
+pub mod psi;
 pub mod throttle;
 
 pub use base::{Base, resolve_base};
