@@ -62,6 +62,7 @@ pub const COMMANDS: &[&str] = &[
     "block-export-del",
     "query-block-exports",
     "__com.diskstream_block-stream-step",
+    "__com.diskstream_block-job-set-policy",
 ];
 
 type Reply = oneshot::Sender<Result<Value, QmpError>>;
@@ -360,6 +361,19 @@ impl Core {
                     ));
                 }
                 job.engine.set_speed(speed as u64);
+                json!({})
+            }
+            "__com.diskstream_block-job-set-policy" => {
+                let id = args.str("device")?;
+                let current = self.block_job(&id)?.engine.info().policy;
+                let policy = policy_args(&mut args, "", current)?
+                    .ok_or_else(|| QmpError::generic("Parameter 'policy' is missing"))?;
+                args.finish()?;
+                let job = self.block_job(&id)?;
+                // QEMU's job-change is the verb that alters a running job's
+                // parameters; it is allowed in the same states as set-speed.
+                apply_verb(&id, JobVerb::Change, job.status)?;
+                job.engine.set_policy(policy);
                 json!({})
             }
             "block-job-pause" | "job-pause" => {
@@ -886,6 +900,8 @@ impl Core {
         let ext_chunk = format!("{EXT_PREFIX}chunk-size");
         let in_flight = args.opt_u64(&ext_in_flight)?;
         let chunk = args.opt_u64(&ext_chunk)?;
+        let policy = policy_args(&mut args, EXT_PREFIX, stream::policy::Policy::default())?
+            .unwrap_or_default();
         args.finish()?;
 
         let (node, image) = self.image_node(&device).ok_or_else(|| {
@@ -943,6 +959,8 @@ impl Core {
             on_error: on_error.engine(),
             max_in_flight: in_flight.map_or(defaults.max_in_flight, |n| n.max(1) as usize),
             chunk_size: chunk.unwrap_or(defaults.chunk_size),
+            policy,
+            record_copies: false,
         };
         // Guest reads through an export copy what they fetch, as QEMU's
         // implicit copy-on-read filter does while a stream runs.
@@ -1272,4 +1290,59 @@ async fn allocation(image: &Image) -> Result<(u64, u64), QmpError> {
         pos += n;
     }
     Ok((local, remote))
+}
+
+/// A stream policy from `{prefix}policy` and its parameters
+/// (`{prefix}grace-ms`, `{prefix}floor`, `{prefix}latency-percent`,
+/// `{prefix}pressure-percent`), each overriding `current`. `None` when no
+/// policy name was given (parameters alone then are an error).
+fn policy_args(
+    args: &mut Args,
+    prefix: &str,
+    current: stream::policy::Policy,
+) -> Result<Option<stream::policy::Policy>, QmpError> {
+    use stream::policy::PolicyKind;
+    let kind = args.opt_enum(&format!("{prefix}policy"), PolicyKind::NAMES)?;
+    let grace = args.opt_u64(&format!("{prefix}grace-ms"))?;
+    let floor = args.opt_u64(&format!("{prefix}floor"))?;
+    let latency = args.opt_u64(&format!("{prefix}latency-percent"))?;
+    let pressure = args.opt_u64(&format!("{prefix}pressure-percent"))?;
+    let Some(kind) = kind else {
+        if grace.or(floor).or(latency).or(pressure).is_some() {
+            return Err(QmpError::generic(format!(
+                "Parameter '{prefix}policy' is missing (policy parameters need a policy)"
+            )));
+        }
+        return Ok(None);
+    };
+    let mut p = current;
+    p.kind = PolicyKind::parse(&kind).expect("checked by opt_enum");
+    if let Some(g) = grace {
+        p.grace = std::time::Duration::from_millis(g);
+    }
+    if let Some(f) = floor {
+        if f == 0 {
+            return Err(QmpError::generic(format!(
+                "Parameter '{prefix}floor' must be positive: a stream with no floor may never finish"
+            )));
+        }
+        p.floor = f;
+    }
+    if let Some(l) = latency {
+        if l < 100 {
+            return Err(QmpError::generic(format!(
+                "Parameter '{prefix}latency-percent' must be at least 100 (of the idle baseline)"
+            )));
+        }
+        p.latency_factor = l as f64 / 100.0;
+    }
+    if let Some(pr) = pressure {
+        if pr == 0 || pr > 100 {
+            return Err(QmpError::generic(format!(
+                "Parameter '{prefix}pressure-percent' must be between 1 and 100"
+            )));
+        }
+        p.pressure_threshold = pr as f64 / 100.0;
+    }
+    Ok(Some(p))
 }

@@ -19,6 +19,6 @@ pub mod throttle;
 
 pub use base::{Base, resolve_base};
 pub use job::{
-    JobInfo, JobState, OnError, Outcome, Remaining, StepOutcome, StreamError, StreamJob,
-    StreamOptions, StreamSummary, remaining_bytes, step,
+    CopyRecord, JobInfo, JobState, OnError, Outcome, Remaining, StepOutcome, StreamError,
+    StreamJob, StreamOptions, StreamSummary, remaining_bytes, step,
 };

@@ -20,6 +20,7 @@ pub mod daemon;
 pub mod info;
 pub mod job;
 pub mod map;
+pub mod policy;
 pub mod progress;
 pub mod pull;
 pub mod pull_step;

@@ -41,6 +41,8 @@ pub struct PullArgs {
     /// Limit the copy rate: bytes per second (suffixes K, M, G).
     #[arg(long, value_name = "RATE", value_parser = super::parse_size)]
     bandwidth: Option<u64>,
+    #[command(flatten)]
+    policy: super::policy::PolicyArgs,
     /// Wait for the job to end.
     #[arg(long)]
     wait: bool,
@@ -60,6 +62,9 @@ pub async fn run(args: PullArgs) -> Result<ExitCode> {
     }
     if let Some(s) = args.bandwidth {
         a["speed"] = json!(s);
+    }
+    for (k, v) in args.policy.qmp_args(daemon::qmp::EXT_PREFIX) {
+        a[k] = v;
     }
     c.execute("block-stream", a).await.map_err(command_error)?;
     if !args.wait {

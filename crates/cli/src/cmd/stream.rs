@@ -48,6 +48,8 @@ pub struct StreamArgs {
     /// Output format of the result.
     #[arg(long, default_value = "human", value_parser = ["human", "json"])]
     output: String,
+    #[command(flatten)]
+    policy: super::policy::PolicyArgs,
     /// The overlay to stream.
     image: PathBuf,
 }
@@ -81,6 +83,8 @@ pub async fn run(args: StreamArgs) -> Result<ExitCode> {
         },
         max_in_flight: args.in_flight.max(1),
         chunk_size: args.chunk_size.max(512),
+        policy: args.policy.policy()?.unwrap_or_default(),
+        record_copies: false,
     };
     let json = args.output == "json";
     if let Some(offset) = args.step {
@@ -121,10 +125,14 @@ pub async fn run(args: StreamArgs) -> Result<ExitCode> {
                         .eta_seconds
                         .map_or("--".to_string(), |s| format!("{s:.0}s"));
                     eprint!(
-                        "\r  {pct:5.1}%  {} copied  {}/s  ETA {eta}  {:?}   ",
+                        "\r  {pct:5.1}%  {} copied  {}/s  ETA {eta}  {:?}  {} {}/{} {:?}   ",
                         human(i.copied),
                         human(i.rate),
-                        i.state
+                        i.state,
+                        i.policy.kind.as_str(),
+                        i.in_flight,
+                        i.allowed_in_flight,
+                        i.held_by,
                     );
                 }
             }
