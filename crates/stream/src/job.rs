@@ -793,10 +793,11 @@ impl Runner {
                                 .await?;
                         }
                         let img = Arc::clone(&image);
-                        tasks.spawn(async move {
-                            let issued = std::time::Instant::now();
-                            (s, n, issued, img.populate(s, n, base_depth).await)
-                        });
+                        // Taken here, not in the task: the policy decided now.
+                        let issued = std::time::Instant::now();
+                        tasks.spawn(
+                            async move { (s, n, issued, img.populate(s, n, base_depth).await) },
+                        );
                         s += n;
                         next_free = s;
                         let in_flight = tasks.len();
