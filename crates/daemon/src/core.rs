@@ -902,7 +902,21 @@ impl Core {
         let chunk = args.opt_u64(&ext_chunk)?;
         let policy = policy_args(&mut args, EXT_PREFIX, stream::policy::Policy::default())?
             .unwrap_or_default();
+        let profile = args.opt_str(&format!("{EXT_PREFIX}profile"))?;
         args.finish()?;
+        // A profile is a small text file (a line per range); reading it here
+        // keeps a bad one from starting a job.
+        let profile = match profile {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    QmpError::generic(format!("Could not read profile '{path}': {e}"))
+                })?;
+                let p = image::access::Profile::parse(&text)
+                    .map_err(|e| QmpError::generic(format!("Profile '{path}': {e}")))?;
+                Some(Arc::new(p))
+            }
+        };
 
         let (node, image) = self.image_node(&device).ok_or_else(|| {
             QmpError::generic(format!(
@@ -961,6 +975,7 @@ impl Core {
             chunk_size: chunk.unwrap_or(defaults.chunk_size),
             policy,
             record_copies: false,
+            profile,
         };
         // Guest reads through an export copy what they fetch, as QEMU's
         // implicit copy-on-read filter does while a stream runs.

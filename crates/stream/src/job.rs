@@ -65,6 +65,8 @@ pub struct StreamOptions {
     pub policy: Policy,
     /// Keep a log of every copy's issue and end time ([`StreamJob::copy_log`]).
     pub record_copies: bool,
+    /// Ranges to copy first, in this order (an access profile).
+    pub profile: Option<Arc<image::access::Profile>>,
 }
 
 impl Default for StreamOptions {
@@ -78,6 +80,7 @@ impl Default for StreamOptions {
             chunk_size: 1 << 20,
             policy: Policy::default(),
             record_copies: false,
+            profile: None,
         }
     }
 }
@@ -387,6 +390,10 @@ impl StreamJob {
             .expect("result stored when the task was joined")
     }
 }
+
+/// After a guest read of remote data, this much right after it is copied
+/// next (a booting guest reads on; QEMU's readahead is of this order).
+const HOT_AHEAD: u64 = 4 << 20;
 
 /// The policy is asked again at least this often while it holds copies
 /// back (a guest request ending is only seen by polling its counters).
@@ -749,24 +756,104 @@ impl Runner {
         Ok(())
     }
 
+    /// Waits for the policy and the token bucket, then starts one copy of
+    /// `[s, s + n)`. Returns false when the job was cancelled meanwhile.
+    async fn issue(
+        &mut self,
+        s: u64,
+        n: u64,
+        kind: ExtentKind,
+        io: &mut Io,
+    ) -> Result<bool, StreamError> {
+        let Some(rate) = self
+            .admit(&mut io.ctl, &mut io.tasks, &mut io.failures)
+            .await?
+        else {
+            return Ok(false);
+        };
+        if kind == ExtentKind::Data {
+            if rate != io.bucket.rate() {
+                io.bucket.set_rate(rate, Instant::now());
+            }
+            let d = io.bucket.charge(n, Instant::now());
+            self.throttle_sleep(d, false, &mut io.tasks, &mut io.failures)
+                .await?;
+        }
+        let img = Arc::clone(&self.image);
+        let base_depth = self.opts.base.depth;
+        // Taken here, not in the task: the policy decided now.
+        let issued = std::time::Instant::now();
+        io.tasks
+            .spawn(async move { (s, n, issued, img.populate(s, n, base_depth).await) });
+        let in_flight = io.tasks.len();
+        self.shared.update(|st| st.info.in_flight = in_flight);
+        Ok(true)
+    }
+
+    /// Copies what needs copying in `[start, end)` ahead of the scan (a hot
+    /// range or a profile entry). Ranges the scan reaches later are found
+    /// local by [`Image::populate`] and cost nothing. False when cancelled.
+    async fn copy_span(
+        &mut self,
+        (start, end): (u64, u64),
+        io: &mut Io,
+    ) -> Result<bool, StreamError> {
+        let image = Arc::clone(&self.image);
+        let g = image.info().granularity.max(1);
+        let chunk = self.opts.chunk_size.max(1).next_multiple_of(g);
+        let size = image.size();
+        if start >= end {
+            return Ok(true);
+        }
+        for e in block_status_all(&*image, start, end - start).await? {
+            let Some(kind) = wants(&e, self.opts.base.depth) else {
+                continue;
+            };
+            let mut s = e.offset - e.offset % g;
+            let end = e.end().next_multiple_of(g).min(size);
+            while s < end {
+                let n = chunk.min(end - s);
+                if !self.issue(s, n, kind, io).await? {
+                    return Ok(false);
+                }
+                s += n;
+            }
+        }
+        Ok(true)
+    }
+
     async fn stream(&mut self) -> Result<Outcome, StreamError> {
         let image = Arc::clone(&self.image);
         let size = image.size();
         let g = image.info().granularity.max(1);
         let chunk = self.opts.chunk_size.max(1).next_multiple_of(g);
         let base_depth = self.opts.base.depth;
-        let mut ctl = PolicyState::new(&self.opts, self.ctl.borrow().policy);
         let remote = remaining_bytes(&image, base_depth).await?.data;
         self.shared.update(|s| s.info.remote = remote);
-        let mut bucket = TokenBucket::new(self.ctl.borrow().speed, Instant::now());
-        let mut tasks: JoinSet<CopyResult> = JoinSet::new();
-        let mut failures = Failures::default();
+        let mut io = Io {
+            ctl: PolicyState::new(&self.opts, self.ctl.borrow().policy),
+            bucket: TokenBucket::new(self.ctl.borrow().speed, Instant::now()),
+            tasks: JoinSet::new(),
+            failures: Failures::default(),
+        };
+        // An access profile goes first, in its order.
+        if let Some(profile) = self.opts.profile.clone() {
+            for &o in &profile.offsets {
+                if o >= size {
+                    continue;
+                }
+                let span = (o - o % g, (o + profile.unit).next_multiple_of(g).min(size));
+                if !self.copy_span(span, &mut io).await? {
+                    return Ok(Outcome::Cancelled);
+                }
+            }
+        }
         let mut pass = 0;
         let mut pos = 0u64;
         loop {
             let mut next_free = pos - pos % g;
             while pos < size {
-                if let Next::Cancel = self.checkpoint(&mut tasks, &mut failures).await? {
+                if let Next::Cancel = self.checkpoint(&mut io.tasks, &mut io.failures).await? {
                     return Ok(Outcome::Cancelled);
                 }
                 let window = (size - pos).min(SCAN_WINDOW);
@@ -779,51 +866,43 @@ impl Runner {
                     let mut s = (e.offset - e.offset % g).max(next_free);
                     let end = e.end().next_multiple_of(g).min(size);
                     while s < end {
-                        let n = chunk.min(end - s);
-                        let Some(rate) = self.admit(&mut ctl, &mut tasks, &mut failures).await?
-                        else {
-                            return Ok(Outcome::Cancelled);
-                        };
-                        if kind == ExtentKind::Data {
-                            if rate != bucket.rate() {
-                                bucket.set_rate(rate, Instant::now());
+                        // Hot data first: continue right after the guest's
+                        // latest read of remote data.
+                        while let Some(h) = image.access().take_hint() {
+                            let h = h - h % g;
+                            if h < size {
+                                let span = (h, (h + HOT_AHEAD).min(size));
+                                if !self.copy_span(span, &mut io).await? {
+                                    return Ok(Outcome::Cancelled);
+                                }
                             }
-                            let d = bucket.charge(n, Instant::now());
-                            self.throttle_sleep(d, false, &mut tasks, &mut failures)
-                                .await?;
                         }
-                        let img = Arc::clone(&image);
-                        // Taken here, not in the task: the policy decided now.
-                        let issued = std::time::Instant::now();
-                        tasks.spawn(
-                            async move { (s, n, issued, img.populate(s, n, base_depth).await) },
-                        );
+                        let n = chunk.min(end - s);
+                        if !self.issue(s, n, kind, &mut io).await? {
+                            return Ok(Outcome::Cancelled);
+                        }
                         s += n;
                         next_free = s;
-                        let in_flight = tasks.len();
-                        self.shared.update(|st| {
-                            st.info.offset = s;
-                            st.info.in_flight = in_flight;
-                        });
+                        self.shared.update(|st| st.info.offset = s);
                     }
                 }
                 pos += window;
                 self.shared.update(|st| st.info.offset = pos);
             }
-            self.drain(&mut tasks, &mut failures).await?;
-            if let Some(first) = failures.take_stopped(self.opts.on_error) {
+            self.drain(&mut io.tasks, &mut io.failures).await?;
+            if let Some(first) = io.failures.take_stopped(self.opts.on_error) {
                 // on-error=stop: pause, then retry from the first failed range.
                 self.shared
                     .update(|st| st.info.error = Some(first.message.clone()));
                 self.shared.control.send_modify(|c| c.paused = true);
-                if let Next::Cancel = self.checkpoint(&mut tasks, &mut failures).await? {
+                if let Next::Cancel = self.checkpoint(&mut io.tasks, &mut io.failures).await? {
                     return Ok(Outcome::Cancelled);
                 }
                 self.shared.update(|st| st.info.error = None);
                 pos = first.offset;
                 continue;
             }
-            if let Some(f) = failures.ignored() {
+            if let Some(f) = io.failures.ignored() {
                 return Err(f);
             }
             image.flush().await?;
@@ -842,6 +921,14 @@ impl Runner {
             pos = 0;
         }
     }
+}
+
+/// The copies in flight and what paces them.
+struct Io {
+    ctl: PolicyState,
+    bucket: TokenBucket,
+    tasks: JoinSet<CopyResult>,
+    failures: Failures,
 }
 
 #[derive(Clone, Debug)]

@@ -43,6 +43,9 @@ pub struct PullArgs {
     bandwidth: Option<u64>,
     #[command(flatten)]
     policy: super::policy::PolicyArgs,
+    /// Copy the ranges of this access profile first (a file the daemon reads).
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
     /// Wait for the job to end.
     #[arg(long)]
     wait: bool,
@@ -62,6 +65,11 @@ pub async fn run(args: PullArgs) -> Result<ExitCode> {
     }
     if let Some(s) = args.bandwidth {
         a["speed"] = json!(s);
+    }
+    if let Some(p) = &args.profile {
+        // The daemon opens it: make a relative path mean this directory.
+        let p = std::path::absolute(p)?;
+        a[format!("{}profile", daemon::qmp::EXT_PREFIX)] = json!(p);
     }
     for (k, v) in args.policy.qmp_args(daemon::qmp::EXT_PREFIX) {
         a[k] = v;

@@ -50,6 +50,10 @@ pub struct StreamArgs {
     output: String,
     #[command(flatten)]
     policy: super::policy::PolicyArgs,
+    /// Copy the ranges of this access profile first, in its order (one
+    /// written by `diskstream serve --record-profile`).
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
     /// The overlay to stream.
     image: PathBuf,
 }
@@ -73,6 +77,15 @@ pub async fn run(args: StreamArgs) -> Result<ExitCode> {
         .await
         .with_context(|| format!("{}", args.image.display()))?;
     let base = stream::resolve_base(&img, args.base.as_deref())?;
+    let profile = match &args.profile {
+        None => None,
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
+            let prof = image::access::Profile::parse(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            Some(Arc::new(prof))
+        }
+    };
     let sopts = StreamOptions {
         device: args.image.display().to_string(),
         base,
@@ -85,6 +98,7 @@ pub async fn run(args: StreamArgs) -> Result<ExitCode> {
         chunk_size: args.chunk_size.max(512),
         policy: args.policy.policy()?.unwrap_or_default(),
         record_copies: false,
+        profile,
     };
     let json = args.output == "json";
     if let Some(offset) = args.step {
