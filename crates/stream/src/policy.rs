@@ -132,7 +132,7 @@ impl Default for Tuning {
     }
 }
 
-/// Guest I/O on the image at one moment (from [`image::IoStats`]).
+/// Guest I/O on the image at one moment (from [`image::stats::IoStats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GuestSample {
     pub in_flight: u64,
