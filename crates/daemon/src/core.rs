@@ -203,6 +203,9 @@ pub struct Core {
     /// In creation order; a job leaves the list when it reaches `null`.
     jobs: Vec<BlockJob>,
     exports: Exports,
+    /// Exports recording an access profile: (export id, file, image). The
+    /// file is written when the export is deleted or the daemon stops.
+    profiles: Vec<(String, PathBuf, Arc<Image>)>,
     package: String,
 }
 
@@ -221,6 +224,7 @@ pub fn new(package: &str) -> (Core, Handle) {
         nodes: Vec::new(),
         jobs: Vec::new(),
         exports: Exports::default(),
+        profiles: Vec::new(),
         package: package.to_string(),
     };
     let handle = Handle {
@@ -463,6 +467,7 @@ impl Core {
                 }
                 self.exports.del(&id)?;
                 self.emit("BLOCK_EXPORT_DELETED", json!({"id": id}));
+                self.write_profiles(Some(&id))?;
                 json!({})
             }
             "query-block-exports" => {
@@ -696,6 +701,7 @@ impl Core {
         args.opt_bool("writethrough")?;
         // qemu:allocation-depth is always offered.
         args.opt_bool("allocation-depth")?;
+        let record = args.opt_str(&format!("{EXT_PREFIX}record-profile"))?;
         args.finish()?;
         if !id_wellformed(&id) {
             return Err(QmpError::generic(format!("Invalid block export id '{id}'")));
@@ -706,7 +712,9 @@ impl Core {
             ))
         })?;
         let read_only = n.read_only;
-        let device: Arc<dyn BlockDevice> = Arc::clone(image) as Arc<dyn BlockDevice>;
+        let image = Arc::clone(image);
+        let device: Arc<dyn BlockDevice> = Arc::clone(&image) as Arc<dyn BlockDevice>;
+        let export_id = id.clone();
         self.exports.add(NewExport {
             id,
             node,
@@ -716,6 +724,12 @@ impl Core {
             device,
             node_read_only: read_only,
         })?;
+        if let Some(path) = record {
+            image
+                .access()
+                .start_profile(image.info().granularity.max(512));
+            self.profiles.push((export_id, PathBuf::from(path), image));
+        }
         Ok(json!({}))
     }
 
@@ -1261,7 +1275,33 @@ impl Core {
     /// flushed), then cancels every job and waits for the engines (copies in flight finish,
     /// the image is flushed and keeps its backing link), then closes every
     /// node, top images first.
+    /// Writes the recorded profiles of export `id` (of every export: `None`)
+    /// and stops recording them. A profile is a few KiB of text: written
+    /// from the core directly.
+    fn write_profiles(&mut self, id: Option<&str>) -> Result<(), QmpError> {
+        let (done, keep) = std::mem::take(&mut self.profiles)
+            .into_iter()
+            .partition(|(e, _, _)| id.is_none_or(|i| i == e));
+        self.profiles = keep;
+        let mut first_err = None;
+        for (e, path, image) in done {
+            let Some(p) = image.access().profile() else {
+                continue;
+            };
+            if let Err(err) = std::fs::write(&path, p.to_text()) {
+                first_err.get_or_insert(QmpError::generic(format!(
+                    "export '{e}': could not write profile '{}': {err}",
+                    path.display()
+                )));
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
     async fn shutdown(&mut self) {
+        if let Err(e) = self.write_profiles(None) {
+            eprintln!("diskstream daemon: {}", e.desc);
+        }
         if self.exports.server_running()
             && let Err(e) = self.exports.stop().await
         {

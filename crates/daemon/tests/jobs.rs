@@ -722,3 +722,33 @@ async fn policy_is_shown_and_changed_while_the_job_runs() {
     until(&mut s.events, &mut seen, "BLOCK_JOB_COMPLETED", None).await;
     assert_streamed(&s).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_records_an_access_profile_written_at_delete() {
+    let s = setup().await;
+    let h = s.handle.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let prof = dir.path().join("p.profile");
+    exec(
+        &h,
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    )
+    .await;
+    exec(
+        &h,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "top",
+               "__com.diskstream_record-profile": prof}),
+    )
+    .await;
+    // What a client's reads do through the export.
+    for off in [3 * UNIT, UNIT, 3 * UNIT + 512] {
+        s.image.read(off, 512).await.unwrap();
+    }
+    exec(&h, "block-export-del", json!({"id": "e0"})).await;
+    let text = std::fs::read_to_string(&prof).unwrap();
+    let p = image::access::Profile::parse(&text).unwrap();
+    assert_eq!(p.offsets, vec![3 * UNIT, UNIT]);
+}
