@@ -84,7 +84,9 @@ impl Default for Policy {
     fn default() -> Self {
         Policy {
             kind: PolicyKind::Fixed,
-            grace: Duration::from_millis(50),
+            // A guest's think time between bursts is often 10-100 ms; a
+            // longer grace wastes most of each gap.
+            grace: Duration::from_millis(20),
             pressure_threshold: 0.10,
             latency_factor: 1.2,
             floor: 1 << 20,
@@ -380,6 +382,12 @@ impl Controller {
     fn decide_feedback(&mut self, inp: &Inputs) -> Decision {
         let adaptive = self.policy.kind == PolicyKind::Adaptive;
         let floor = self.policy.floor.max(1);
+        // An idle guest cannot be slowed down: the latency backoff (not a
+        // pressure one) does not hold the stream in the guest's gaps.
+        if adaptive && self.reason != HoldReason::HostPressure && self.guest_idle(&inp.guest) {
+            self.learning_until = None;
+            return self.decision(self.max_in_flight, 0, HoldReason::None);
+        }
         if let Some(until) = self.hold_until {
             if inp.now < until {
                 // The floor still holds during a backoff: one copy at it.
