@@ -281,3 +281,147 @@ fn stream_and_info_over_an_nbd_backing() {
     check_no_corruption(&top);
     compare(&raw, &top);
 }
+
+/// `serve --record-profile` writes the first-touch order of a client's
+/// reads; `stream --policy adaptive --profile` on a fresh overlay copies
+/// those ranges first (their clusters come first in the file, in order).
+#[test]
+fn serve_records_a_profile_and_stream_replays_it_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (base, top) = fixture(d, 16, 16);
+    let sock = d.join("s.sock");
+    let prof = d.join("boot.profile");
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "-k",
+            p(&sock),
+            "--record-profile",
+            p(&prof),
+            p(&top),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "serve did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    run(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read 9M 4k",
+            "-c",
+            "read 3M 4k",
+            "-c",
+            "read 9M 4k",
+            "-c",
+            "read 12M 64k",
+            &uri,
+        ],
+    );
+    // Not persistent: the server ends when its one client leaves.
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "serve did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    let text = std::fs::read_to_string(&prof).unwrap();
+    let unit = 64 << 10;
+    let want = [9 * MIB, 3 * MIB, 12 * MIB];
+    let mut expect = format!("# diskstream access profile v1 unit={unit}\n");
+    for o in want {
+        expect.push_str(&format!("{o}\n"));
+    }
+    assert_eq!(text, expect);
+
+    // A bad profile is refused, naming the line.
+    let bad = d.join("bad.profile");
+    std::fs::write(&bad, format!("{}7\n", expect)).unwrap();
+    let top2 = d.join("top2.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            p(&base),
+            "-F",
+            "qcow2",
+            p(&top2),
+        ],
+    );
+    let out = Command::new(BIN)
+        .args(["stream", "--profile", p(&bad), p(&top2)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 5") && err.contains("bad.profile"),
+        "{err}"
+    );
+
+    run(
+        BIN,
+        &[
+            "stream",
+            "--policy",
+            "adaptive",
+            "--grace-ms",
+            "10",
+            "--profile",
+            p(&prof),
+            "--in-flight",
+            "1",
+            "--chunk-size",
+            "64K",
+            p(&top2),
+        ],
+    );
+    assert!(!has_backing(&top2));
+    compare(&base, &top2);
+    check_no_corruption(&top2);
+    let out = run("qemu-img", &["map", "--output=json", p(&top2)]);
+    let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let host = |g: u64| {
+        map.iter()
+            .find(|e| {
+                let s = e["start"].as_u64().unwrap();
+                s <= g && g < s + e["length"].as_u64().unwrap()
+            })
+            .and_then(|e| Some(e["offset"].as_u64()? + g - e["start"].as_u64().unwrap()))
+    };
+    let hosts: Vec<u64> = want
+        .iter()
+        .map(|&g| host(g).expect("profiled data"))
+        .collect();
+    assert!(hosts.windows(2).all(|w| w[0] < w[1]), "{hosts:?}");
+    for e in &map {
+        if let Some(o) = e["offset"].as_u64() {
+            let s = e["start"].as_u64().unwrap();
+            if !want
+                .iter()
+                .any(|&g| g >= s && g < s + e["length"].as_u64().unwrap())
+            {
+                assert!(o > hosts[2], "{e} allocated before the profile");
+            }
+        }
+    }
+}

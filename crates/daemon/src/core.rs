@@ -66,6 +66,7 @@ pub const COMMANDS: &[&str] = &[
     "query-block-exports",
     "__com.diskstream_block-stream-step",
     "__com.diskstream_migrate-send",
+    "__com.diskstream_block-job-set-policy",
 ];
 
 type Reply = oneshot::Sender<Result<Value, QmpError>>;
@@ -210,6 +211,9 @@ pub struct Core {
     tls_creds: HashMap<String, TlsCreds>,
     /// The credentials the running NBD server uses.
     server_tls: Option<String>,
+    /// Exports recording an access profile: (export id, file, image). The
+    /// file is written when the export is deleted or the daemon stops.
+    profiles: Vec<(String, PathBuf, Arc<Image>)>,
     package: String,
 }
 
@@ -239,6 +243,7 @@ pub fn new(package: &str) -> (Core, Handle) {
         exports: Exports::default(),
         tls_creds: HashMap::new(),
         server_tls: None,
+        profiles: Vec::new(),
         package: package.to_string(),
     };
     let handle = Handle {
@@ -381,6 +386,19 @@ impl Core {
                 job.engine.set_speed(speed as u64);
                 json!({})
             }
+            "__com.diskstream_block-job-set-policy" => {
+                let id = args.str("device")?;
+                let current = self.block_job(&id)?.engine.info().policy;
+                let policy = policy_args(&mut args, "", current)?
+                    .ok_or_else(|| QmpError::generic("Parameter 'policy' is missing"))?;
+                args.finish()?;
+                let job = self.block_job(&id)?;
+                // QEMU's job-change is the verb that alters a running job's
+                // parameters; it is allowed in the same states as set-speed.
+                apply_verb(&id, JobVerb::Change, job.status)?;
+                job.engine.set_policy(policy);
+                json!({})
+            }
             "block-job-pause" | "job-pause" => {
                 let id = self.job_id_arg(name, &mut args)?;
                 args.finish()?;
@@ -491,6 +509,7 @@ impl Core {
                 }
                 self.exports.del(&id)?;
                 self.emit("BLOCK_EXPORT_DELETED", json!({"id": id}));
+                self.write_profiles(Some(&id))?;
                 json!({})
             }
             "query-block-exports" => {
@@ -782,6 +801,7 @@ impl Core {
         args.opt_bool("writethrough")?;
         // qemu:allocation-depth is always offered.
         args.opt_bool("allocation-depth")?;
+        let record = args.opt_str(&format!("{EXT_PREFIX}record-profile"))?;
         args.finish()?;
         if !id_wellformed(&id) {
             return Err(QmpError::generic(format!("Invalid block export id '{id}'")));
@@ -792,7 +812,9 @@ impl Core {
             ))
         })?;
         let read_only = n.read_only;
-        let device: Arc<dyn BlockDevice> = Arc::clone(image) as Arc<dyn BlockDevice>;
+        let image = Arc::clone(image);
+        let device: Arc<dyn BlockDevice> = Arc::clone(&image) as Arc<dyn BlockDevice>;
+        let export_id = id.clone();
         self.exports.add(NewExport {
             id,
             node,
@@ -802,6 +824,12 @@ impl Core {
             device,
             node_read_only: read_only,
         })?;
+        if let Some(path) = record {
+            image
+                .access()
+                .start_profile(image.info().granularity.max(512));
+            self.profiles.push((export_id, PathBuf::from(path), image));
+        }
         Ok(json!({}))
     }
 
@@ -1046,7 +1074,23 @@ impl Core {
         let ext_chunk = format!("{EXT_PREFIX}chunk-size");
         let in_flight = args.opt_u64(&ext_in_flight)?;
         let chunk = args.opt_u64(&ext_chunk)?;
+        let policy = policy_args(&mut args, EXT_PREFIX, stream::policy::Policy::default())?
+            .unwrap_or_default();
+        let profile = args.opt_str(&format!("{EXT_PREFIX}profile"))?;
         args.finish()?;
+        // A profile is a small text file (a line per range); reading it here
+        // keeps a bad one from starting a job.
+        let profile = match profile {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    QmpError::generic(format!("Could not read profile '{path}': {e}"))
+                })?;
+                let p = image::access::Profile::parse(&text)
+                    .map_err(|e| QmpError::generic(format!("Profile '{path}': {e}")))?;
+                Some(Arc::new(p))
+            }
+        };
 
         let (node, image) = self.image_node(&device).ok_or_else(|| {
             QmpError::generic(format!(
@@ -1104,6 +1148,9 @@ impl Core {
             max_in_flight: in_flight.map_or(defaults.max_in_flight, |n| n.max(1) as usize),
             chunk_size: chunk.unwrap_or(defaults.chunk_size),
             relink: auto_finalize,
+            policy,
+            record_copies: false,
+            profile,
         };
         let deferred_link = (!auto_finalize).then(|| opts.base.clone());
         // Guest reads through an export copy what they fetch, as QEMU's
@@ -1413,7 +1460,33 @@ impl Core {
     /// flushed), then cancels every job and waits for the engines (copies in flight finish,
     /// the image is flushed and keeps its backing link), then closes every
     /// node, top images first.
+    /// Writes the recorded profiles of export `id` (of every export: `None`)
+    /// and stops recording them. A profile is a few KiB of text: written
+    /// from the core directly.
+    fn write_profiles(&mut self, id: Option<&str>) -> Result<(), QmpError> {
+        let (done, keep) = std::mem::take(&mut self.profiles)
+            .into_iter()
+            .partition(|(e, _, _)| id.is_none_or(|i| i == e));
+        self.profiles = keep;
+        let mut first_err = None;
+        for (e, path, image) in done {
+            let Some(p) = image.access().profile() else {
+                continue;
+            };
+            if let Err(err) = std::fs::write(&path, p.to_text()) {
+                first_err.get_or_insert(QmpError::generic(format!(
+                    "export '{e}': could not write profile '{}': {err}",
+                    path.display()
+                )));
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
     async fn shutdown(&mut self) {
+        if let Err(e) = self.write_profiles(None) {
+            eprintln!("diskstream daemon: {}", e.desc);
+        }
         if self.exports.server_running()
             && let Err(e) = self.exports.stop().await
         {
@@ -1457,4 +1530,59 @@ async fn allocation(image: &Image) -> Result<(u64, u64), QmpError> {
         pos += n;
     }
     Ok((local, remote))
+}
+
+/// A stream policy from `{prefix}policy` and its parameters
+/// (`{prefix}grace-ms`, `{prefix}floor`, `{prefix}latency-percent`,
+/// `{prefix}pressure-percent`), each overriding `current`. `None` when no
+/// policy name was given (parameters alone then are an error).
+fn policy_args(
+    args: &mut Args,
+    prefix: &str,
+    current: stream::policy::Policy,
+) -> Result<Option<stream::policy::Policy>, QmpError> {
+    use stream::policy::PolicyKind;
+    let kind = args.opt_enum(&format!("{prefix}policy"), PolicyKind::NAMES)?;
+    let grace = args.opt_u64(&format!("{prefix}grace-ms"))?;
+    let floor = args.opt_u64(&format!("{prefix}floor"))?;
+    let latency = args.opt_u64(&format!("{prefix}latency-percent"))?;
+    let pressure = args.opt_u64(&format!("{prefix}pressure-percent"))?;
+    let Some(kind) = kind else {
+        if grace.or(floor).or(latency).or(pressure).is_some() {
+            return Err(QmpError::generic(format!(
+                "Parameter '{prefix}policy' is missing (policy parameters need a policy)"
+            )));
+        }
+        return Ok(None);
+    };
+    let mut p = current;
+    p.kind = PolicyKind::parse(&kind).expect("checked by opt_enum");
+    if let Some(g) = grace {
+        p.grace = std::time::Duration::from_millis(g);
+    }
+    if let Some(f) = floor {
+        if f == 0 {
+            return Err(QmpError::generic(format!(
+                "Parameter '{prefix}floor' must be positive: a stream with no floor may never finish"
+            )));
+        }
+        p.floor = f;
+    }
+    if let Some(l) = latency {
+        if l < 100 {
+            return Err(QmpError::generic(format!(
+                "Parameter '{prefix}latency-percent' must be at least 100 (of the idle baseline)"
+            )));
+        }
+        p.latency_factor = l as f64 / 100.0;
+    }
+    if let Some(pr) = pressure {
+        if pr == 0 || pr > 100 {
+            return Err(QmpError::generic(format!(
+                "Parameter '{prefix}pressure-percent' must be between 1 and 100"
+            )));
+        }
+        p.pressure_threshold = pr as f64 / 100.0;
+    }
+    Ok(Some(p))
 }

@@ -751,3 +751,130 @@ async fn migrate_send_freezes_the_node_and_exports_it_read_only() {
     h.shutdown().await;
     let _ = s.core.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_is_shown_and_changed_while_the_job_runs() {
+    let mut s = setup().await;
+    let h = s.handle.clone();
+    let mut seen = Vec::new();
+    // A guest request just now and an hour of grace: `idle` must hold.
+    s.image.read(0, 512).await.unwrap();
+    let bad = [
+        (
+            json!({"__com.diskstream_policy": "turbo"}),
+            "does not accept",
+        ),
+        (
+            json!({"__com.diskstream_grace-ms": 5}),
+            "'__com.diskstream_policy' is missing",
+        ),
+        (
+            json!({"__com.diskstream_policy": "adaptive", "__com.diskstream_floor": 0}),
+            "must be positive",
+        ),
+    ];
+    for (extra, msg) in bad {
+        let mut a = json!({"device": "top", "job-id": "job0"});
+        for (k, v) in extra.as_object().unwrap() {
+            a[k] = v.clone();
+        }
+        let e = h
+            .execute("block-stream", a.as_object().unwrap().clone())
+            .await
+            .unwrap_err();
+        assert!(e.desc.contains(msg), "{a}: {}", e.desc);
+    }
+    assert!(
+        query_job(&h, "job0").await.is_none(),
+        "a refused job started"
+    );
+    exec(
+        &h,
+        "block-stream",
+        json!({"device": "top", "job-id": "job0", "__com.diskstream_chunk-size": UNIT,
+               "__com.diskstream_policy": "idle", "__com.diskstream_grace-ms": 3_600_000u64}),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let j = loop {
+        let j = query_job(&h, "job0").await.unwrap();
+        if j["__com.diskstream_held-by"] == "guest-busy" {
+            break j;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never held: {j}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(j["__com.diskstream_policy"], "idle", "{j}");
+    assert_eq!(j["__com.diskstream_policy-params"]["grace-ms"], 3_600_000);
+    assert_eq!(j["__com.diskstream_allowed-in-flight"], 0, "{j}");
+    assert_eq!(j["__com.diskstream_copied"], 0, "{j}");
+    let jobs = exec(&h, "query-jobs", json!({})).await;
+    assert_eq!(jobs[0]["__com.diskstream_held-by"], "guest-busy", "{jobs}");
+
+    // Parameters must come with a policy; the job is unchanged.
+    let e = h
+        .execute(
+            "__com.diskstream_block-job-set-policy",
+            json!({"device": "job0", "floor": 1})
+                .as_object()
+                .unwrap()
+                .clone(),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.desc.contains("'policy' is missing"), "{}", e.desc);
+    let e = h
+        .execute(
+            "__com.diskstream_block-job-set-policy",
+            json!({"device": "nojob", "policy": "fixed"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.desc.contains("nojob"), "{}", e.desc);
+    assert_eq!(
+        query_job(&h, "job0").await.unwrap()["__com.diskstream_policy"],
+        "idle"
+    );
+    // Switched to fixed while running, it streams to the end.
+    exec(
+        &h,
+        "__com.diskstream_block-job-set-policy",
+        json!({"device": "job0", "policy": "fixed"}),
+    )
+    .await;
+    until(&mut s.events, &mut seen, "BLOCK_JOB_COMPLETED", None).await;
+    assert_streamed(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_records_an_access_profile_written_at_delete() {
+    let s = setup().await;
+    let h = s.handle.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let prof = dir.path().join("p.profile");
+    exec(
+        &h,
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    )
+    .await;
+    exec(
+        &h,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "top",
+               "__com.diskstream_record-profile": prof}),
+    )
+    .await;
+    // What a client's reads do through the export.
+    for off in [3 * UNIT, UNIT, 3 * UNIT + 512] {
+        s.image.read(off, 512).await.unwrap();
+    }
+    exec(&h, "block-export-del", json!({"id": "e0"})).await;
+    let text = std::fs::read_to_string(&prof).unwrap();
+    let p = image::access::Profile::parse(&text).unwrap();
+    assert_eq!(p.offsets, vec![3 * UNIT, UNIT]);
+}

@@ -55,6 +55,7 @@ pub struct Image {
     /// Depth of the layer copy-on-read stops at (`NO_BASE` = none).
     cor_base_depth: AtomicU32,
     stats: IoStats,
+    access: crate::access::Access,
 }
 
 /// Runs a blocking format call on tokio's blocking pool.
@@ -137,6 +138,7 @@ impl Image {
             copy_on_read: AtomicBool::new(false),
             cor_base_depth: AtomicU32::new(NO_BASE),
             stats: IoStats::default(),
+            access: crate::access::Access::default(),
         }
     }
 
@@ -163,6 +165,11 @@ impl Image {
 
     pub fn stats(&self) -> &IoStats {
         &self.stats
+    }
+
+    /// Where the guest reads: hot-data hints for streams, access profiles.
+    pub fn access(&self) -> &crate::access::Access {
+        &self.access
     }
 
     /// Turns copy-on-read on or off. `base_depth` is the layer copy-on-read
@@ -611,7 +618,9 @@ impl BlockDevice for Image {
             Ok((buf, holes))
         })
         .await?;
-        if holes.is_empty() || self.backing().is_none() {
+        let remote = !holes.is_empty() && self.backing().is_some();
+        self.access.guest_read(offset, len as u64, remote);
+        if !remote {
             return Ok(buf);
         }
         if !self.copy_on_read() || self.read_only() {

@@ -7,6 +7,7 @@
 //! point that opens or creates any image. Nothing here knows the network:
 //! URI backings come in through [`open::Opener`].
 
+pub mod access;
 pub mod device;
 pub mod error;
 pub mod format;

@@ -25,6 +25,9 @@ pub struct IoStats {
     /// Nanoseconds after `epoch` of the last guest request start or end.
     last_request_ns: AtomicU64,
     latency_us: [AtomicU64; LATENCY_BUCKETS],
+    /// Sum of the latencies of completed requests, µs (for a mean over an
+    /// interval: deltas of this over deltas of `completed`).
+    latency_sum_us: AtomicU64,
     /// Bytes read from the backing, for any reason.
     backing_read_bytes: AtomicU64,
     /// Bytes copied into this image from below by copy-on-read.
@@ -43,6 +46,7 @@ impl Default for IoStats {
             write_bytes: AtomicU64::new(0),
             last_request_ns: AtomicU64::new(0),
             latency_us: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency_sum_us: AtomicU64::new(0),
             backing_read_bytes: AtomicU64::new(0),
             cor_bytes: AtomicU64::new(0),
             populated_bytes: AtomicU64::new(0),
@@ -118,6 +122,7 @@ impl IoStats {
             read_bytes: self.read_bytes.load(Relaxed),
             write_bytes: self.write_bytes.load(Relaxed),
             latency_us_log2: self.latency_us.iter().map(|c| c.load(Relaxed)).collect(),
+            latency_sum_us: self.latency_sum_us.load(Relaxed),
             backing_read_bytes: self.backing_read_bytes.load(Relaxed),
             cor_bytes: self.cor_bytes.load(Relaxed),
             populated_bytes: self.populated_bytes.load(Relaxed),
@@ -131,6 +136,7 @@ impl Drop for RequestGuard<'_> {
         let us = end.saturating_duration_since(self.start).as_micros() as u64;
         let bucket = (u64::BITS - us.leading_zeros()) as usize;
         self.stats.latency_us[bucket.min(LATENCY_BUCKETS - 1)].fetch_add(1, Relaxed);
+        self.stats.latency_sum_us.fetch_add(us, Relaxed);
         self.stats.completed.fetch_add(1, Relaxed);
         self.stats.in_flight.fetch_sub(1, Relaxed);
         self.stats.touch(end);
@@ -147,6 +153,8 @@ pub struct IoStatsSnapshot {
     pub write_bytes: u64,
     /// Requests per power-of-two latency bucket (µs).
     pub latency_us_log2: Vec<u64>,
+    /// Sum of completed requests' latencies, µs.
+    pub latency_sum_us: u64,
     pub backing_read_bytes: u64,
     pub cor_bytes: u64,
     pub populated_bytes: u64,

@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::base::Base;
+use crate::policy::{Controller, GuestSample, HoldReason, Inputs, OwnSample, Policy, PsiSample};
 use crate::throttle::TokenBucket;
 
 /// The copy rate is measured over about this much recent time.
@@ -65,6 +66,12 @@ pub struct StreamOptions {
     /// it to [`finish`], called at finalize, as QEMU changes the link in
     /// its prepare phase.
     pub relink: bool,
+    /// How the copy rate is chosen; changeable while the job runs.
+    pub policy: Policy,
+    /// Keep a log of every copy's issue and end time ([`StreamJob::copy_log`]).
+    pub record_copies: bool,
+    /// Ranges to copy first, in this order (an access profile).
+    pub profile: Option<Arc<image::access::Profile>>,
 }
 
 impl Default for StreamOptions {
@@ -77,6 +84,9 @@ impl Default for StreamOptions {
             max_in_flight: 8,
             chunk_size: 1 << 20,
             relink: true,
+            policy: Policy::default(),
+            record_copies: false,
+            profile: None,
         }
     }
 }
@@ -122,6 +132,14 @@ pub struct JobInfo {
     /// The speed limit; 0 = none.
     pub speed: u64,
     pub in_flight: usize,
+    /// The policy in force.
+    pub policy: Policy,
+    /// Copies the policy allows in flight now (0: waiting).
+    pub allowed_in_flight: usize,
+    /// Rate the policy allows now, bytes per second; 0 = unlimited.
+    pub allowed_rate: u64,
+    /// Why the policy holds the stream back.
+    pub held_by: HoldReason,
     pub eta_seconds: Option<f64>,
     pub errors_ignored: u64,
     pub error: Option<String>,
@@ -169,11 +187,21 @@ impl From<image::Error> for StreamError {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Control {
     paused: bool,
     cancelled: bool,
     speed: u64,
+    policy: Policy,
+}
+
+/// One copy as the job issued it: `[issued, ended)` for `len` bytes at `offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CopyRecord {
+    pub offset: u64,
+    pub len: u64,
+    pub issued: std::time::Instant,
+    pub ended: std::time::Instant,
 }
 
 #[derive(Debug)]
@@ -182,6 +210,8 @@ struct Status {
     /// (time, copied) samples for the rate.
     samples: VecDeque<(Instant, u64)>,
     skipped: u64,
+    /// Filled when `record_copies` is set.
+    copies: Vec<CopyRecord>,
 }
 
 #[derive(Debug)]
@@ -248,6 +278,10 @@ impl StreamJob {
             rate: 0,
             speed: opts.speed,
             in_flight: 0,
+            policy: opts.policy,
+            allowed_in_flight: opts.max_in_flight,
+            allowed_rate: opts.speed,
+            held_by: HoldReason::None,
             eta_seconds: None,
             errors_ignored: 0,
             error: None,
@@ -257,6 +291,7 @@ impl StreamJob {
             paused: false,
             cancelled: false,
             speed: opts.speed,
+            policy: opts.policy,
         });
         let shared = Arc::new(Shared {
             status: Mutex::new(Status {
@@ -265,6 +300,7 @@ impl StreamJob {
                 // from it, not from two completions a millisecond apart.
                 samples: VecDeque::from([(Instant::now(), 0)]),
                 skipped: 0,
+                copies: Vec::new(),
             }),
             state_tx,
             control,
@@ -302,6 +338,18 @@ impl StreamJob {
     pub fn set_speed(&self, speed: u64) {
         self.shared.control.send_modify(|c| c.speed = speed);
         self.shared.update(|st| st.info.speed = speed);
+    }
+
+    /// Changes the policy; takes effect before the next copy is issued.
+    pub fn set_policy(&self, policy: Policy) {
+        self.shared.control.send_modify(|c| c.policy = policy);
+        self.shared.update(|st| st.info.policy = policy);
+    }
+
+    /// Every copy so far, when the job was started with `record_copies`.
+    pub fn copy_log(&self) -> Vec<CopyRecord> {
+        let st = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        st.copies.clone()
     }
 
     /// A snapshot of the job's progress.
@@ -346,6 +394,86 @@ impl StreamJob {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
             .expect("result stored when the task was joined")
+    }
+}
+
+/// After a guest read of remote data, this much right after it is copied
+/// next (a booting guest reads on; QEMU's readahead is of this order).
+const HOT_AHEAD: u64 = 4 << 20;
+
+/// The policy is asked again at least this often while it holds copies
+/// back (a guest request ending is only seen by polling its counters).
+const POLICY_POLL: Duration = Duration::from_millis(5);
+/// PSI is read at most this often (a file read per copy would be waste).
+const PSI_EVERY: Duration = Duration::from_millis(20);
+
+/// The job's controller with what it needs from the outside world.
+struct PolicyState {
+    controller: Controller,
+    policy: Policy,
+    speed: u64,
+    psi_path: Option<std::path::PathBuf>,
+    psi: Option<(std::time::Instant, PsiSample)>,
+}
+
+impl PolicyState {
+    fn new(opts: &StreamOptions, policy: Policy) -> Self {
+        // Different on every host and job, so backoffs do not synchronise.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ (u64::from(std::process::id()) << 32);
+        PolicyState {
+            controller: Controller::new(policy, opts.max_in_flight, opts.speed, seed),
+            policy,
+            speed: opts.speed,
+            psi_path: crate::psi::discover(),
+            psi: None,
+        }
+    }
+
+    fn decide(
+        &mut self,
+        image: &Image,
+        c: Control,
+        in_flight: usize,
+        copied: u64,
+    ) -> crate::policy::Decision {
+        if c.policy != self.policy {
+            self.controller.set_policy(c.policy);
+            self.policy = c.policy;
+        }
+        if c.speed != self.speed {
+            self.controller.set_speed(c.speed);
+            self.speed = c.speed;
+        }
+        let now = std::time::Instant::now();
+        let wants_psi = matches!(
+            c.policy.kind,
+            crate::policy::PolicyKind::HostPressure | crate::policy::PolicyKind::Adaptive
+        );
+        if wants_psi
+            && let Some(path) = &self.psi_path
+            && self
+                .psi
+                .is_none_or(|(t, _)| now.saturating_duration_since(t) >= PSI_EVERY)
+        {
+            self.psi = crate::psi::read(path).map(|p| (now, p));
+        }
+        let stats = image.stats();
+        let snap = stats.snapshot();
+        let inputs = Inputs {
+            now,
+            guest: GuestSample {
+                in_flight: snap.in_flight,
+                idle_for: stats.idle_for(now),
+                completed: snap.completed,
+                latency_sum_us: snap.latency_sum_us,
+            },
+            psi: self.psi.map(|(_, p)| p),
+            own: OwnSample { in_flight, copied },
+        };
+        self.controller.decide(&inputs)
     }
 }
 
@@ -427,7 +555,8 @@ async fn complete(image: &Image, base: &Base) -> Result<(), StreamError> {
     Ok(())
 }
 
-type CopyResult = (u64, u64, image::Result<PopulateOutcome>);
+/// Offset, length, issue time, result.
+type CopyResult = (u64, u64, std::time::Instant, image::Result<PopulateOutcome>);
 
 struct Runner {
     image: Arc<Image>,
@@ -514,6 +643,53 @@ impl Runner {
         }
     }
 
+    /// Waits until the policy lets one more copy go (reaping copies and
+    /// honouring pause and cancel meanwhile); returns the rate for the
+    /// token bucket, or `None` when the job was cancelled.
+    async fn admit(
+        &mut self,
+        ctl: &mut PolicyState,
+        tasks: &mut JoinSet<CopyResult>,
+        failures: &mut Failures,
+    ) -> Result<Option<u64>, StreamError> {
+        // Bounded: each turn either returns, or waits for a copy to end, a
+        // control change or the controller's retry time.
+        loop {
+            self.reap_finished(tasks, failures)?;
+            if let Next::Cancel = self.checkpoint(tasks, failures).await? {
+                return Ok(None);
+            }
+            let c = *self.ctl.borrow();
+            let copied = self
+                .shared
+                .status
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .info
+                .copied;
+            let d = ctl.decide(&self.image, c, tasks.len(), copied);
+            self.shared.update(|st| {
+                st.info.allowed_in_flight = d.in_flight;
+                st.info.allowed_rate = d.rate;
+                st.info.held_by = d.reason;
+                st.info.in_flight = tasks.len();
+            });
+            if d.in_flight == 0 {
+                let wait = d.retry_after.min(POLICY_POLL);
+                self.throttle_sleep(wait, false, tasks, failures).await?;
+                continue;
+            }
+            if tasks.len() >= d.in_flight {
+                // Wait for a copy to end, but re-decide at least every poll:
+                // the policy may allow more (or fewer) meanwhile.
+                self.throttle_sleep(POLICY_POLL, true, tasks, failures)
+                    .await?;
+                continue;
+            }
+            return Ok(Some(d.rate));
+        }
+    }
+
     /// Waits for every copy in flight.
     async fn drain(
         &mut self,
@@ -532,8 +708,19 @@ impl Runner {
         joined: Result<CopyResult, tokio::task::JoinError>,
         failures: &mut Failures,
     ) -> Result<(), StreamError> {
-        let (offset, _len, r) =
+        let (offset, len, issued, r) =
             joined.map_err(|e| image::Error::Internal(format!("copy task failed: {e}")))?;
+        if self.opts.record_copies {
+            let ended = std::time::Instant::now();
+            self.shared.update(|st| {
+                st.copies.push(CopyRecord {
+                    offset,
+                    len,
+                    issued,
+                    ended,
+                })
+            });
+        }
         match r {
             Ok(out) => {
                 self.shared.add_done(out);
@@ -557,16 +744,25 @@ impl Runner {
     async fn throttle_sleep(
         &mut self,
         d: Duration,
+        wake_on_copy_end: bool,
         tasks: &mut JoinSet<CopyResult>,
         failures: &mut Failures,
     ) -> Result<(), StreamError> {
+        if d.is_zero() {
+            return Ok(());
+        }
         let deadline = tokio::time::sleep(d);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
                 _ = &mut deadline => return Ok(()),
                 _ = self.ctl.changed() => return Ok(()),
-                Some(r) = tasks.join_next(), if !tasks.is_empty() => self.reap(r, failures)?,
+                Some(r) = tasks.join_next(), if !tasks.is_empty() => {
+                    self.reap(r, failures)?;
+                    if wake_on_copy_end {
+                        return Ok(());
+                    }
+                }
             }
         }
     }
@@ -583,24 +779,104 @@ impl Runner {
         Ok(())
     }
 
+    /// Waits for the policy and the token bucket, then starts one copy of
+    /// `[s, s + n)`. Returns false when the job was cancelled meanwhile.
+    async fn issue(
+        &mut self,
+        s: u64,
+        n: u64,
+        kind: ExtentKind,
+        io: &mut Io,
+    ) -> Result<bool, StreamError> {
+        let Some(rate) = self
+            .admit(&mut io.ctl, &mut io.tasks, &mut io.failures)
+            .await?
+        else {
+            return Ok(false);
+        };
+        if kind == ExtentKind::Data {
+            if rate != io.bucket.rate() {
+                io.bucket.set_rate(rate, Instant::now());
+            }
+            let d = io.bucket.charge(n, Instant::now());
+            self.throttle_sleep(d, false, &mut io.tasks, &mut io.failures)
+                .await?;
+        }
+        let img = Arc::clone(&self.image);
+        let base_depth = self.opts.base.depth;
+        // Taken here, not in the task: the policy decided now.
+        let issued = std::time::Instant::now();
+        io.tasks
+            .spawn(async move { (s, n, issued, img.populate(s, n, base_depth).await) });
+        let in_flight = io.tasks.len();
+        self.shared.update(|st| st.info.in_flight = in_flight);
+        Ok(true)
+    }
+
+    /// Copies what needs copying in `[start, end)` ahead of the scan (a hot
+    /// range or a profile entry). Ranges the scan reaches later are found
+    /// local by [`Image::populate`] and cost nothing. False when cancelled.
+    async fn copy_span(
+        &mut self,
+        (start, end): (u64, u64),
+        io: &mut Io,
+    ) -> Result<bool, StreamError> {
+        let image = Arc::clone(&self.image);
+        let g = image.info().granularity.max(1);
+        let chunk = self.opts.chunk_size.max(1).next_multiple_of(g);
+        let size = image.size();
+        if start >= end {
+            return Ok(true);
+        }
+        for e in block_status_all(&*image, start, end - start).await? {
+            let Some(kind) = wants(&e, self.opts.base.depth) else {
+                continue;
+            };
+            let mut s = e.offset - e.offset % g;
+            let end = e.end().next_multiple_of(g).min(size);
+            while s < end {
+                let n = chunk.min(end - s);
+                if !self.issue(s, n, kind, io).await? {
+                    return Ok(false);
+                }
+                s += n;
+            }
+        }
+        Ok(true)
+    }
+
     async fn stream(&mut self) -> Result<Outcome, StreamError> {
         let image = Arc::clone(&self.image);
         let size = image.size();
         let g = image.info().granularity.max(1);
         let chunk = self.opts.chunk_size.max(1).next_multiple_of(g);
         let base_depth = self.opts.base.depth;
-        let max_in_flight = self.opts.max_in_flight.max(1);
         let remote = remaining_bytes(&image, base_depth).await?.data;
         self.shared.update(|s| s.info.remote = remote);
-        let mut bucket = TokenBucket::new(self.ctl.borrow().speed, Instant::now());
-        let mut tasks: JoinSet<CopyResult> = JoinSet::new();
-        let mut failures = Failures::default();
+        let mut io = Io {
+            ctl: PolicyState::new(&self.opts, self.ctl.borrow().policy),
+            bucket: TokenBucket::new(self.ctl.borrow().speed, Instant::now()),
+            tasks: JoinSet::new(),
+            failures: Failures::default(),
+        };
+        // An access profile goes first, in its order.
+        if let Some(profile) = self.opts.profile.clone() {
+            for &o in &profile.offsets {
+                if o >= size {
+                    continue;
+                }
+                let span = (o - o % g, (o + profile.unit).next_multiple_of(g).min(size));
+                if !self.copy_span(span, &mut io).await? {
+                    return Ok(Outcome::Cancelled);
+                }
+            }
+        }
         let mut pass = 0;
         let mut pos = 0u64;
         loop {
             let mut next_free = pos - pos % g;
             while pos < size {
-                if let Next::Cancel = self.checkpoint(&mut tasks, &mut failures).await? {
+                if let Next::Cancel = self.checkpoint(&mut io.tasks, &mut io.failures).await? {
                     return Ok(Outcome::Cancelled);
                 }
                 let window = (size - pos).min(SCAN_WINDOW);
@@ -613,51 +889,43 @@ impl Runner {
                     let mut s = (e.offset - e.offset % g).max(next_free);
                     let end = e.end().next_multiple_of(g).min(size);
                     while s < end {
-                        let n = chunk.min(end - s);
-                        self.reap_finished(&mut tasks, &mut failures)?;
-                        while tasks.len() >= max_in_flight {
-                            let r = tasks.join_next().await.expect("tasks is not empty");
-                            self.reap(r, &mut failures)?;
+                        // Hot data first: continue right after the guest's
+                        // latest read of remote data.
+                        while let Some(h) = image.access().take_hint() {
+                            let h = h - h % g;
+                            if h < size {
+                                let span = (h, (h + HOT_AHEAD).min(size));
+                                if !self.copy_span(span, &mut io).await? {
+                                    return Ok(Outcome::Cancelled);
+                                }
+                            }
                         }
-                        if let Next::Cancel = self.checkpoint(&mut tasks, &mut failures).await? {
+                        let n = chunk.min(end - s);
+                        if !self.issue(s, n, kind, &mut io).await? {
                             return Ok(Outcome::Cancelled);
                         }
-                        if kind == ExtentKind::Data {
-                            let speed = self.ctl.borrow().speed;
-                            if speed != bucket.rate() {
-                                bucket.set_rate(speed, Instant::now());
-                            }
-                            let d = bucket.charge(n, Instant::now());
-                            self.throttle_sleep(d, &mut tasks, &mut failures).await?;
-                        }
-                        let img = Arc::clone(&image);
-                        tasks.spawn(async move { (s, n, img.populate(s, n, base_depth).await) });
                         s += n;
                         next_free = s;
-                        let in_flight = tasks.len();
-                        self.shared.update(|st| {
-                            st.info.offset = s;
-                            st.info.in_flight = in_flight;
-                        });
+                        self.shared.update(|st| st.info.offset = s);
                     }
                 }
                 pos += window;
                 self.shared.update(|st| st.info.offset = pos);
             }
-            self.drain(&mut tasks, &mut failures).await?;
-            if let Some(first) = failures.take_stopped(self.opts.on_error) {
+            self.drain(&mut io.tasks, &mut io.failures).await?;
+            if let Some(first) = io.failures.take_stopped(self.opts.on_error) {
                 // on-error=stop: pause, then retry from the first failed range.
                 self.shared
                     .update(|st| st.info.error = Some(first.message.clone()));
                 self.shared.control.send_modify(|c| c.paused = true);
-                if let Next::Cancel = self.checkpoint(&mut tasks, &mut failures).await? {
+                if let Next::Cancel = self.checkpoint(&mut io.tasks, &mut io.failures).await? {
                     return Ok(Outcome::Cancelled);
                 }
                 self.shared.update(|st| st.info.error = None);
                 pos = first.offset;
                 continue;
             }
-            if let Some(f) = failures.ignored() {
+            if let Some(f) = io.failures.ignored() {
                 return Err(f);
             }
             image.flush().await?;
@@ -678,6 +946,14 @@ impl Runner {
             pos = 0;
         }
     }
+}
+
+/// The copies in flight and what paces them.
+struct Io {
+    ctl: PolicyState,
+    bucket: TokenBucket,
+    tasks: JoinSet<CopyResult>,
+    failures: Failures,
 }
 
 #[derive(Clone, Debug)]

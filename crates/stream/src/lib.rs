@@ -13,10 +13,12 @@
 
 mod base;
 mod job;
+pub mod policy;
+pub mod psi;
 pub mod throttle;
 
 pub use base::{Base, resolve_base};
 pub use job::{
-    JobInfo, JobState, OnError, Outcome, Remaining, StepOutcome, StreamError, StreamJob,
-    StreamOptions, StreamSummary, finish, remaining_bytes, step,
+    CopyRecord, JobInfo, JobState, OnError, Outcome, Remaining, StepOutcome, StreamError,
+    StreamJob, StreamOptions, StreamSummary, finish, remaining_bytes, step,
 };

@@ -1,6 +1,7 @@
 //! `diskstream job`: look at or control a daemon's block job, like `virsh
 //! blockjob`: `--info` (the default), `--abort`, `--pause`, `--resume`,
-//! `--bandwidth RATE`.
+//! `--bandwidth RATE`, and `--policy NAME` (with its parameters) to change
+//! the stream policy of a running job.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +14,7 @@ use super::pull::{find_job, progress_line};
 use super::qmp::{command_error, connect};
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("action").args(["info", "abort", "pause", "resume", "bandwidth"])))]
+#[command(group(clap::ArgGroup::new("action").args(["info", "abort", "pause", "resume", "bandwidth", "policy"])))]
 pub struct JobArgs {
     /// The job's device (job id; `diskstream pull` uses the node name).
     device: String,
@@ -33,6 +34,9 @@ pub struct JobArgs {
     /// Change the speed limit: bytes per second (suffixes K, M, G; 0 = none).
     #[arg(long, value_name = "RATE", value_parser = super::parse_size)]
     bandwidth: Option<u64>,
+    /// Change the stream policy (and its parameters) while the job runs.
+    #[command(flatten)]
+    policy: super::policy::PolicyArgs,
     /// Output format of --info.
     #[arg(long, default_value = "human", value_parser = ["human", "json"])]
     output: String,
@@ -47,6 +51,13 @@ pub async fn run(args: JobArgs) -> Result<ExitCode> {
         Some(("block-job-pause", dev))
     } else if args.resume {
         Some(("block-job-resume", dev))
+    } else if args.policy.policy.is_some() {
+        let mut a = args.policy.qmp_args("");
+        a.insert("device".into(), json!(args.device));
+        Some((
+            "__com.diskstream_block-job-set-policy",
+            serde_json::Value::Object(a),
+        ))
     } else {
         args.bandwidth.map(|s| {
             (
@@ -80,6 +91,9 @@ pub async fn run(args: JobArgs) -> Result<ExitCode> {
                 j["status"].as_str().unwrap_or("?")
             ));
             println!("{line}");
+            if let Some(p) = super::policy::policy_line(&j) {
+                println!("{p}");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -23,6 +23,7 @@ pub mod info;
 pub mod job;
 pub mod map;
 pub mod migrate;
+pub mod policy;
 pub mod progress;
 pub mod pull;
 pub mod pull_step;

@@ -41,6 +41,11 @@ pub struct PullArgs {
     /// Limit the copy rate: bytes per second (suffixes K, M, G).
     #[arg(long, value_name = "RATE", value_parser = super::parse_size)]
     bandwidth: Option<u64>,
+    #[command(flatten)]
+    policy: super::policy::PolicyArgs,
+    /// Copy the ranges of this access profile first (a file the daemon reads).
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
     /// Wait for the job to end.
     #[arg(long)]
     wait: bool,
@@ -60,6 +65,14 @@ pub async fn run(args: PullArgs) -> Result<ExitCode> {
     }
     if let Some(s) = args.bandwidth {
         a["speed"] = json!(s);
+    }
+    if let Some(p) = &args.profile {
+        // The daemon opens it: make a relative path mean this directory.
+        let p = std::path::absolute(p)?;
+        a[format!("{}profile", daemon::qmp::EXT_PREFIX)] = json!(p);
+    }
+    for (k, v) in args.policy.qmp_args(daemon::qmp::EXT_PREFIX) {
+        a[k] = v;
     }
     c.execute("block-stream", a).await.map_err(command_error)?;
     if !args.wait {

@@ -63,6 +63,11 @@ pub struct ServeArgs {
     /// Report connection errors on stderr.
     #[arg(short = 'v', long)]
     pub verbose: bool,
+    /// Record the order in which clients first touch each range (at the
+    /// image's allocation unit) and write it to FILE when the server stops,
+    /// for `diskstream stream --profile` / `pull --profile`.
+    #[arg(long, value_name = "FILE")]
+    pub record_profile: Option<PathBuf>,
     pub image: PathBuf,
 }
 
@@ -82,6 +87,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let img = image::open(&args.image, &opts)
         .await
         .with_context(|| format!("opening {}", args.image.display()))?;
+    if args.record_profile.is_some() {
+        img.access().start_profile(img.info().granularity.max(512));
+    }
     let listener = match (&args.socket, &args.bind) {
         (Some(p), _) => Listener::bind_unix(p)?,
         (None, Some(a)) => Listener::bind_tcp(a).await?,
@@ -113,6 +121,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         s => Duration::from_secs(s),
     };
     server::run(listener, config, shutdown_signal()).await?;
+    if let (Some(path), Some(p)) = (&args.record_profile, img.access().profile()) {
+        std::fs::write(path, p.to_text())
+            .with_context(|| format!("writing profile {}", path.display()))?;
+        if args.verbose {
+            eprintln!(
+                "diskstream serve: {} ranges recorded in {}",
+                p.offsets.len(),
+                path.display()
+            );
+        }
+    }
     img.close()
         .await
         .with_context(|| format!("closing {}", args.image.display()))?;

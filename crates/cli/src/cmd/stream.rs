@@ -52,6 +52,12 @@ pub struct StreamArgs {
     /// Output format of the result.
     #[arg(long, default_value = "human", value_parser = ["human", "json"])]
     output: String,
+    #[command(flatten)]
+    policy: super::policy::PolicyArgs,
+    /// Copy the ranges of this access profile first, in its order (one
+    /// written by `diskstream serve --record-profile`).
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
     /// The overlay to stream.
     image: PathBuf,
 }
@@ -77,6 +83,15 @@ pub async fn run(args: StreamArgs) -> Result<ExitCode> {
         .await
         .with_context(|| format!("{}", args.image.display()))?;
     let base = stream::resolve_base(&img, args.base.as_deref())?;
+    let profile = match &args.profile {
+        None => None,
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
+            let prof = image::access::Profile::parse(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            Some(Arc::new(prof))
+        }
+    };
     let sopts = StreamOptions {
         device: args.image.display().to_string(),
         base,
@@ -88,6 +103,9 @@ pub async fn run(args: StreamArgs) -> Result<ExitCode> {
         max_in_flight: args.in_flight.max(1),
         chunk_size: args.chunk_size.max(512),
         relink: true,
+        policy: args.policy.policy()?.unwrap_or_default(),
+        record_copies: false,
+        profile,
     };
     let json = args.output == "json";
     if let Some(offset) = args.step {
@@ -128,10 +146,14 @@ pub async fn run(args: StreamArgs) -> Result<ExitCode> {
                         .eta_seconds
                         .map_or("--".to_string(), |s| format!("{s:.0}s"));
                     eprint!(
-                        "\r  {pct:5.1}%  {} copied  {}/s  ETA {eta}  {:?}   ",
+                        "\r  {pct:5.1}%  {} copied  {}/s  ETA {eta}  {:?}  {} {}/{} {:?}   ",
                         human(i.copied),
                         human(i.rate),
-                        i.state
+                        i.state,
+                        i.policy.kind.as_str(),
+                        i.in_flight,
+                        i.allowed_in_flight,
+                        i.held_by,
                     );
                 }
             }

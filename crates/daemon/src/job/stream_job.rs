@@ -144,6 +144,7 @@ impl BlockJob {
         if let Some(eta) = info.eta_seconds {
             v["__com.diskstream_eta-seconds"] = json!(eta);
         }
+        add_policy_fields(&mut v, &info);
         if let Some(e) = &self.error {
             v["error"] = json!(e);
         }
@@ -160,6 +161,7 @@ impl BlockJob {
             "current-progress": info.offset,
             "total-progress": info.size,
         });
+        add_policy_fields(&mut v, &info);
         if let Some(e) = &self.error {
             v["error"] = json!(e);
         }
@@ -181,4 +183,22 @@ impl BlockJob {
         }
         v
     }
+}
+
+/// The controller's state, in both job listings: the policy and its
+/// parameters, copies in flight, what the policy allows now and why it
+/// holds back.
+fn add_policy_fields(v: &mut Value, info: &stream::JobInfo) {
+    let p = &info.policy;
+    v["__com.diskstream_policy"] = json!(p.kind.as_str());
+    v["__com.diskstream_policy-params"] = json!({
+        "grace-ms": p.grace.as_millis() as u64,
+        "floor": p.floor,
+        "latency-percent": (p.latency_factor * 100.0).round() as u64,
+        "pressure-percent": (p.pressure_threshold * 100.0).round() as u64,
+    });
+    v["__com.diskstream_in-flight"] = json!(info.in_flight);
+    v["__com.diskstream_allowed-in-flight"] = json!(info.allowed_in_flight);
+    v["__com.diskstream_allowed-rate"] = json!(info.allowed_rate);
+    v["__com.diskstream_held-by"] = json!(info.held_by);
 }
