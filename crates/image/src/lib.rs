@@ -15,6 +15,7 @@ pub mod iobuf;
 pub mod lock;
 pub mod open;
 pub mod qcow2;
+pub mod qed;
 pub mod rangelock;
 pub mod raw;
 pub mod stats;

@@ -12,7 +12,7 @@
 //! their refcounts drop after the L2 change that released them is durable,
 //! so a cluster is never reused while an on-disk L2 entry still points at it.
 
-mod cache;
+pub(crate) mod cache;
 mod check;
 pub mod entry;
 pub mod header;
