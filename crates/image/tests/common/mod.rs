@@ -173,3 +173,13 @@ pub fn with_deadline<F: std::future::Future>(
         }
     }
 }
+
+/// [`qemu_check`] for an image of format `fmt`.
+pub fn qemu_check_as(path: &Path, fmt: &str) -> Result<i32, String> {
+    let p = path.to_str().unwrap();
+    let (code, text) = qemu_img(&["check", "-f", fmt, p]);
+    match code {
+        0 | 3 => Ok(code),
+        _ => Err(format!("qemu-img check -f {fmt} {p} exited {code}:\n{text}")),
+    }
+}
