@@ -270,10 +270,13 @@ async fn crash_iterations(kind: FormatKind) {
             qemu_check(&disk).unwrap_or_else(|e| panic!("{ctx}, after reopening: {e}"));
         }
         if kind == FormatKind::Qed {
-            qemu_check_as(&disk, "qed")
-                .unwrap_or_else(|e| panic!("{ctx}, after reopening: {e}"));
+            qemu_check_as(&disk, "qed").unwrap_or_else(|e| panic!("{ctx}, after reopening: {e}"));
             let bytes = std::fs::read(&disk).unwrap();
-            assert_eq!(bytes[16] & 2, 0, "{ctx}: need-check flag left set after close");
+            assert_eq!(
+                bytes[16] & 2,
+                0,
+                "{ctx}: need-check flag left set after close"
+            );
         }
     }
     eprintln!(

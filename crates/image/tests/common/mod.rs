@@ -180,6 +180,8 @@ pub fn qemu_check_as(path: &Path, fmt: &str) -> Result<i32, String> {
     let (code, text) = qemu_img(&["check", "-f", fmt, p]);
     match code {
         0 | 3 => Ok(code),
-        _ => Err(format!("qemu-img check -f {fmt} {p} exited {code}:\n{text}")),
+        _ => Err(format!(
+            "qemu-img check -f {fmt} {p} exited {code}:\n{text}"
+        )),
     }
 }
