@@ -936,6 +936,22 @@ impl Format for Qed {
 
     fn set_backing(&self, backing: Option<&BackingSpec>) -> Result<()> {
         self.ensure_writable()?;
+        if let Some(b) = backing
+            && b.format.as_deref() != Some("raw")
+            && crate::open::is_uri(&b.name)
+        {
+            // Only "raw" can be recorded; anything else is found again by
+            // probing a local file, which a URI is not.
+            return Err(Error::Unsupported {
+                path: self.path.clone(),
+                format: "qed",
+                feature: format!(
+                    "a {} backing named by URI ({}): QED records no backing format but raw",
+                    b.format.as_deref().unwrap_or("unnamed"),
+                    b.name
+                ),
+            });
+        }
         let mut m = self.lock();
         m.flush_meta()?;
         let mut h = m.h.clone();
