@@ -1055,6 +1055,33 @@ mod tests {
     }
 
     #[test]
+    fn a_flush_clears_need_check_once_writes_are_quiet() {
+        let st = new_image(1 << 20, 4096, 2);
+        let q = Qed::open(
+            Arc::clone(&st),
+            &QedOptions {
+                writable: true,
+                cache_bytes: None,
+            },
+        )
+        .unwrap();
+        q.write(0, &[3u8; 4096], &[]).unwrap();
+        q.flush().unwrap();
+        assert_ne!(features(&*st) & F_NEED_CHECK, 0, "not quiet yet");
+        // As if the last table change were a quiet period ago (no sleeping
+        // in tests).
+        let past = Instant::now()
+            .checked_sub(NEED_CHECK_QUIET)
+            .expect("the monotonic clock runs longer than the quiet period");
+        q.lock().last_change = Some(past);
+        q.flush().unwrap();
+        assert_eq!(features(&*st) & F_NEED_CHECK, 0);
+        // The next allocating write sets it again, before its tables change.
+        q.write(8192, &[4u8; 10], &[]).unwrap();
+        assert_ne!(features(&*st) & F_NEED_CHECK, 0);
+    }
+
+    #[test]
     fn in_place_writes_do_not_set_need_check() {
         let st = new_image(1 << 20, 4096, 2);
         let rw = QedOptions {
