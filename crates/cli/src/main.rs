@@ -48,6 +48,14 @@ enum Command {
     Job(cmd::job::JobArgs),
     /// Send one raw QMP command to a daemon and print the reply.
     Qmp(cmd::qmp::QmpArgs),
+    /// Deploy an overlay on a repository image: serve it now, stream it in
+    /// the background.
+    Deploy(cmd::deploy::DeployArgs),
+    /// Post-copy block migration: `send` on the source, `receive` on the
+    /// destination.
+    Migrate(cmd::migrate::MigrateArgs),
+    /// Run the whole deployment on a built-in example and report.
+    Demo(cmd::demo::DemoArgs),
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -64,6 +72,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::PullStep(a) => cmd::pull_step::run(a).await,
         Command::Job(a) => cmd::job::run(a).await,
         Command::Qmp(a) => cmd::qmp::run(a).await,
+        Command::Deploy(a) => cmd::deploy::run(a).await,
+        Command::Migrate(a) => cmd::migrate::run(a).await,
+        Command::Demo(a) => cmd::demo::run(a).await,
     }
 }
 

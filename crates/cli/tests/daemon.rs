@@ -720,6 +720,133 @@ fn post_copy_between_two_daemons_over_nbd() {
     assert!(v.get("backing-filename").is_none(), "backing left: {v}");
 }
 
+/// `object-add tls-creds-x509` + `nbd-server-start tls-creds`: QEMU's tools
+/// read the export over TLS with their own credentials objects, plaintext
+/// is refused, and `verify-peer=on` requires a client certificate.
+#[test]
+fn nbd_server_with_tls_creds_serves_qemu_over_tls_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let out = Command::new(workspace_root().join("scripts/make-test-certs"))
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A client directory without a client certificate.
+    let anon = dir.path().join("anon");
+    std::fs::create_dir(&anon).unwrap();
+    std::fs::copy(certs.join("ca-cert.pem"), anon.join("ca-cert.pem")).unwrap();
+
+    let raw = dir.path().join("disk.raw");
+    let raw_s = raw.to_str().unwrap();
+    run("qemu-img", &["create", "-q", "-f", "raw", raw_s, "4M"]);
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x6b 1M 1M", raw_s],
+    );
+    let nbd_sock = dir.path().join("nbd.sock");
+    let d = Daemon::start(dir.path());
+    let certs_s = certs.to_str().unwrap();
+    let qmp = |req: String| qmp_ok(d.sock(), &req);
+    let qmp_err = |req: String| -> String {
+        let out = ds(&["qmp", "--qmp", d.sock(), &req]);
+        assert!(!out.status.success(), "{req} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout)
+    };
+    // Refusals that name the problem.
+    let e = qmp_err(format!(
+        r#"{{"execute":"object-add","arguments":{{"qom-type":"tls-creds-x509","id":"bad","dir":"{}","endpoint":"server","verify-peer":false}}}}"#,
+        dir.path().join("nowhere").display()
+    ));
+    assert!(e.contains("server-cert.pem"), "{e}");
+    qmp(format!(
+        r#"{{"execute":"object-add","arguments":{{"qom-type":"tls-creds-x509","id":"cli","dir":"{certs_s}"}}}}"#
+    ));
+    let e = qmp_err(format!(
+        r#"{{"execute":"nbd-server-start","arguments":{{"addr":{{"type":"unix","data":{{"path":"{}"}}}},"tls-creds":"cli"}}}}"#,
+        nbd_sock.display()
+    ));
+    assert!(e.contains("server endpoint"), "{e}");
+
+    let image_opts = |dir: &Path| {
+        (
+            format!(
+                "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+                dir.display()
+            ),
+            format!(
+                "driver=nbd,server.type=unix,server.path={},export=d0,tls-creds=tls0,tls-hostname=localhost",
+                nbd_sock.display()
+            ),
+        )
+    };
+    let read_over_tls = |client_dir: &Path| {
+        let (object, opts) = image_opts(client_dir);
+        Command::new("qemu-io")
+            .args([
+                "-r",
+                "--object",
+                &object,
+                "--image-opts",
+                &opts,
+                "-c",
+                "read -P 0x6b 1M 1M",
+            ])
+            .output()
+            .unwrap()
+    };
+    for (id, verify) in [("tls0", false), ("tls1", true)] {
+        qmp(format!(
+            r#"{{"execute":"object-add","arguments":{{"qom-type":"tls-creds-x509","id":"{id}","dir":"{certs_s}","endpoint":"server","verify-peer":{verify}}}}}"#
+        ));
+        qmp(format!(
+            r#"{{"execute":"nbd-server-start","arguments":{{"addr":{{"type":"unix","data":{{"path":"{}"}}}},"tls-creds":"{id}"}}}}"#,
+            nbd_sock.display()
+        ));
+        if id == "tls0" {
+            qmp(format!(
+                r#"{{"execute":"blockdev-add","arguments":{{"driver":"raw","node-name":"n0","read-only":true,"file":{{"driver":"file","filename":"{raw_s}"}}}}}}"#
+            ));
+        }
+        qmp(r#"{"execute":"block-export-add","arguments":{"type":"nbd","id":"e0","node-name":"n0","name":"d0"}}"#.into());
+        let e = qmp_err(format!(
+            r#"{{"execute":"object-del","arguments":{{"id":"{id}"}}}}"#
+        ));
+        assert!(e.contains("in use"), "{e}");
+
+        let ok = read_over_tls(&certs);
+        assert!(
+            ok.status.success(),
+            "{id}: qemu-io over TLS: {}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        let plain = Command::new("qemu-img")
+            .args([
+                "info",
+                &format!("nbd+unix:///d0?socket={}", nbd_sock.display()),
+            ])
+            .output()
+            .unwrap();
+        assert!(!plain.status.success(), "{id}: plaintext client was served");
+        let anon_read = read_over_tls(&anon);
+        assert_eq!(
+            anon_read.status.success(),
+            !verify,
+            "{id}: a client without a certificate: {}",
+            String::from_utf8_lossy(&anon_read.stderr)
+        );
+        qmp(r#"{"execute":"nbd-server-stop"}"#.into());
+        qmp(format!(
+            r#"{{"execute":"object-del","arguments":{{"id":"{id}"}}}}"#
+        ));
+    }
+    d.terminate();
+}
+
 /// A QED overlay through the daemon: `blockdev-add` with driver qed, a pull
 /// to the end, and the image left streamed (no backing), checked clean and
 /// identical to its old chain by qemu-img.

@@ -159,3 +159,57 @@ fn backing_chain_info_matches_qemu_img_and_counts_the_local_share() {
     );
     assert!(human.contains("backing file format: qcow2"), "{human}");
 }
+
+/// `extended-l2: true` in format-specific, as qemu-img reports it, for
+/// images qemu-img and diskstream create.
+#[test]
+fn extended_l2_info_matches_qemu_img() {
+    let d = Dir::new();
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "q.qcow2",
+            "8M",
+        ],
+    );
+    let ours = same_info(&d, "q.qcow2");
+    assert_eq!(ours["format-specific"]["data"]["extended-l2"], true);
+    ds_ok(
+        &d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=32k",
+            "d.qcow2",
+            "8M",
+        ],
+    );
+    let ours = same_info(&d, "d.qcow2");
+    assert_eq!(ours["format-specific"]["data"]["extended-l2"], true);
+    assert_eq!(ours["cluster-size"], 32768);
+    // Too small a cluster is refused by name.
+    let o = ds(
+        &d,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=8k",
+            "e.qcow2",
+            "8M",
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("16384"), "{}", stderr(&o));
+}

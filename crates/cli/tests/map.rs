@@ -343,3 +343,91 @@ fn raw_files_of_partial_sectors_map_and_size_like_qemu_img() {
     assert_eq!(ours["virtual-size"], theirs["virtual-size"]);
     assert_eq!(ours["virtual-size"], 1024);
 }
+
+/// Extended L2 entries: per-subcluster extents (data, zero, unallocated
+/// subclusters of allocated clusters with their offsets), with and without
+/// a backing, compressed clusters; and an xl2 image written by our convert.
+#[test]
+fn extended_l2_images_map_like_qemu_img() {
+    let d = Dir::new();
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "base.raw", "4M"],
+    );
+    qemu_io(
+        &d,
+        "raw",
+        "base.raw",
+        &["write -P 7 0 1M", "write -P 8 2M 512k"],
+    );
+    for (name, backing) in [("x.qcow2", false), ("xb.qcow2", true)] {
+        let mut args = vec![
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=64k",
+        ];
+        if backing {
+            args.extend(["-b", "base.raw", "-F", "raw"]);
+        }
+        args.extend([name, "4M"]);
+        qemu_ok(&d, "qemu-img", &args);
+        same_map(&d, name);
+        qemu_io(
+            &d,
+            "qcow2",
+            name,
+            &[
+                "write -P 1 0 4k",
+                "write -P 2 6k 3000",
+                "write -z 16k 8k",
+                "write -P 3 128k 2k",
+                "write -z -u 200k 64k",
+                "discard 64k 64k",
+                "write -P 4 1M 70k",
+                "write -z 3M 6k",
+                "write -P 5 4090k 1k",
+            ],
+        );
+        same_map(&d, name);
+    }
+    // Compressed clusters in an xl2 image.
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=32k",
+            "base.raw",
+            "c.qcow2",
+        ],
+    );
+    same_map(&d, "c.qcow2");
+    // Written by us.
+    ds_ok(
+        &d,
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "xb.qcow2",
+            "ours.qcow2",
+        ],
+    );
+    qemu_ok(&d, "qemu-img", &["check", "ours.qcow2"]);
+    qemu_ok(&d, "qemu-img", &["compare", "xb.qcow2", "ours.qcow2"]);
+    same_map(&d, "ours.qcow2");
+}

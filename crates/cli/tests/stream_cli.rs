@@ -221,3 +221,63 @@ fn sigkill_at_random_moments_leaves_a_valid_resumable_image() {
     // the file may leak; corruption never.
     check_no_corruption(&top);
 }
+
+/// An overlay whose backing is an NBD export (as qemu-img writes it:
+/// `-b nbd+unix:///?socket=... -F raw`): `info` follows the chain and
+/// `stream` copies it all, over the network opener.
+#[test]
+fn stream_and_info_over_an_nbd_backing() {
+    let d = tempfile::tempdir().unwrap();
+    let (base, _) = fixture(d.path(), 16, 6);
+    let raw = d.path().join("base.raw");
+    run(
+        "qemu-img",
+        &["convert", "-f", "qcow2", "-O", "raw", p(&base), p(&raw)],
+    );
+    let sock = d.path().join("base.sock");
+    let mut server = Command::new("qemu-nbd")
+        .args([
+            "-r",
+            "-f",
+            "raw",
+            "--persistent",
+            "--shared=8",
+            "-k",
+            p(&sock),
+            p(&raw),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "qemu-nbd did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let top = d.path().join("nbd-top.qcow2");
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &uri,
+            "-F",
+            "raw",
+            p(&top),
+        ],
+    );
+    let info = run(BIN, &["info", "--output", "json", p(&top)]);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["backing-filename"], uri.as_str(), "{v}");
+    run(BIN, &["stream", "--output", "json", p(&top)]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(!has_backing(&top));
+    check_no_corruption(&top);
+    compare(&raw, &top);
+}

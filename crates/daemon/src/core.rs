@@ -9,6 +9,7 @@
 //! that answers the reply channel itself; opening an image is short and
 //! runs inline.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -56,12 +57,15 @@ pub const COMMANDS: &[&str] = &[
     "job-complete",
     "job-finalize",
     "job-dismiss",
+    "object-add",
+    "object-del",
     "nbd-server-start",
     "nbd-server-stop",
     "block-export-add",
     "block-export-del",
     "query-block-exports",
     "__com.diskstream_block-stream-step",
+    "__com.diskstream_migrate-send",
 ];
 
 type Reply = oneshot::Sender<Result<Value, QmpError>>;
@@ -202,7 +206,20 @@ pub struct Core {
     /// In creation order; a job leaves the list when it reaches `null`.
     jobs: Vec<BlockJob>,
     exports: Exports,
+    /// `object-add` objects by id: TLS credentials.
+    tls_creds: HashMap<String, TlsCreds>,
+    /// The credentials the running NBD server uses.
+    server_tls: Option<String>,
     package: String,
+}
+
+/// A `tls-creds-x509` object: QEMU's file names in `dir`.
+#[derive(Debug)]
+struct TlsCreds {
+    endpoint: String,
+    /// Loaded at object-add, as QEMU loads them (server endpoint only: the
+    /// daemon has no use for client credentials).
+    server: Option<nbd::tls::ServerTls>,
 }
 
 /// Creates the core and its handle; run the core with [`Core::run`].
@@ -220,6 +237,8 @@ pub fn new(package: &str) -> (Core, Handle) {
         nodes: Vec::new(),
         jobs: Vec::new(),
         exports: Exports::default(),
+        tls_creds: HashMap::new(),
+        server_tls: None,
         package: package.to_string(),
     };
     let handle = Handle {
@@ -404,7 +423,7 @@ impl Core {
                 args.finish()?;
                 let job = self.find_job(name, &id)?;
                 apply_verb(&id, JobVerb::Finalize, job.status)?;
-                self.finalize(&id);
+                self.finalize_deferred(&id).await;
                 json!({})
             }
             "block-job-dismiss" | "job-dismiss" => {
@@ -419,14 +438,37 @@ impl Core {
                 let addr = args
                     .opt_object("addr")?
                     .ok_or_else(|| QmpError::generic("Parameter 'addr' is missing"))?;
-                if args.opt_str("tls-creds")?.is_some() || args.opt_str("tls-authz")?.is_some() {
+                let creds = args.opt_str("tls-creds")?;
+                if args.opt_str("tls-authz")?.is_some() {
                     return Err(QmpError::generic(
-                        "tls-creds/tls-authz need QOM credential objects (object-add), which diskstream daemon does not have",
+                        "tls-authz is not supported by diskstream daemon (authorization \
+                         objects); use verify-peer=on credentials to require client certificates",
                     ));
                 }
                 args.finish()?;
                 let addr = NbdAddr::from_args(addr)?;
-                self.exports.start(&addr).await?;
+                let tls = match &creds {
+                    None => None,
+                    Some(id) => Some(self.server_tls_creds(id)?),
+                };
+                self.exports.start(&addr, tls).await?;
+                self.server_tls = creds;
+                json!({})
+            }
+            "object-add" => self.object_add(args)?,
+            "object-del" => {
+                let id = args.str("id")?;
+                args.finish()?;
+                if !self.tls_creds.contains_key(&id) {
+                    return Err(QmpError::generic(format!("object '{id}' not found")));
+                }
+                if self.server_tls.as_deref() == Some(id.as_str()) && self.exports.server_running()
+                {
+                    return Err(QmpError::generic(format!(
+                        "object '{id}' is in use by the NBD server and cannot be deleted"
+                    )));
+                }
+                self.tls_creds.remove(&id);
                 json!({})
             }
             "nbd-server-stop" => {
@@ -455,6 +497,7 @@ impl Core {
                 args.finish()?;
                 self.exports.query()
             }
+            "__com.diskstream_migrate-send" => self.migrate_send(args).await?,
             other => {
                 return Err(QmpError::new(
                     ErrorClass::CommandNotFound,
@@ -466,6 +509,59 @@ impl Core {
     }
 
     // ---- nodes -----------------------------------------------------------
+
+    /// `object-add`: the one QOM type the daemon has, `tls-creds-x509`
+    /// (`dir` with QEMU's file names, `endpoint`, `verify-peer`).
+    fn object_add(&mut self, mut args: Args) -> Result<Value, QmpError> {
+        let qom_type = args.str("qom-type")?;
+        let id = args.str("id")?;
+        if qom_type != "tls-creds-x509" {
+            return Err(QmpError::generic(format!(
+                "object type '{qom_type}' is not supported by diskstream daemon \
+                 (only tls-creds-x509)"
+            )));
+        }
+        if !id_wellformed(&id) {
+            return Err(QmpError::generic(format!("Invalid object ID '{id}'")));
+        }
+        if self.tls_creds.contains_key(&id) {
+            return Err(QmpError::generic(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            )));
+        }
+        let dir = PathBuf::from(args.str("dir")?);
+        let endpoint = args
+            .opt_enum("endpoint", &["client", "server"])?
+            .unwrap_or_else(|| "client".into());
+        let verify_peer = args.opt_bool("verify-peer")?.unwrap_or(true);
+        args.finish()?;
+        let server = if endpoint == "server" {
+            let (cert, key) = (dir.join("server-cert.pem"), dir.join("server-key.pem"));
+            let cfg = if verify_peer {
+                nbd::tls::server_config_verify_clients(&cert, &key, &dir.join("ca-cert.pem"))
+            } else {
+                nbd::tls::server_config(&cert, &key)
+            };
+            Some(cfg.map_err(|e| QmpError::generic(format!("tls-creds-x509 '{id}': {e}")))?)
+        } else {
+            None
+        };
+        self.tls_creds.insert(id, TlsCreds { endpoint, server });
+        Ok(json!({}))
+    }
+
+    fn server_tls_creds(&self, id: &str) -> Result<nbd::tls::ServerTls, QmpError> {
+        let creds = self
+            .tls_creds
+            .get(id)
+            .ok_or_else(|| QmpError::generic(format!("No TLS credentials with id '{id}'")))?;
+        match &creds.server {
+            Some(c) if creds.endpoint == "server" => Ok(Arc::clone(c)),
+            _ => Err(QmpError::generic(
+                "Expecting TLS credentials with a server endpoint",
+            )),
+        }
+    }
 
     fn node(&self, name: &str) -> Option<&Node> {
         self.nodes.iter().find(|n| n.name == name)
@@ -632,13 +728,17 @@ impl Core {
             )));
         }
         let direct = direct.unwrap_or(file_direct);
+        let cache = if direct {
+            CacheMode::None
+        } else {
+            CacheMode::Writeback
+        };
         let opts = OpenOptions {
             writable: !read_only,
-            cache: if direct {
-                CacheMode::None
-            } else {
-                CacheMode::Writeback
-            },
+            cache,
+            // As in QEMU, a backing opened from the header inherits the
+            // node's cache.direct.
+            backing_cache: cache,
             format: Some(driver.to_string()),
             backing,
             // Backings named nbd://, nbd+unix:// (post-copy migration).
@@ -705,6 +805,66 @@ impl Core {
             writable,
             device,
             node_read_only: read_only,
+        })?;
+        Ok(json!({}))
+    }
+
+    /// `__com.diskstream_migrate-send`: the source side of post-copy
+    /// migration in one step. Flushes the node, freezes it read-only for
+    /// every holder (what QEMU reaches with `blockdev-reopen` to
+    /// `read-only: true`; writes still arriving from a VM that was not
+    /// stopped fail instead of diverging from what the destination copies),
+    /// replaces its exports with one read-only export (`name`, default the
+    /// node name, so the destination finds the disk under the name the VM
+    /// used), and returns. The NBD server must run (`nbd-server-start`). A
+    /// node with a block job is refused: it would still be changing.
+    async fn migrate_send(&mut self, mut args: Args) -> Result<Value, QmpError> {
+        let node = args.str("node-name")?;
+        let id = args.opt_str("id")?;
+        let name = args.opt_str("name")?;
+        args.finish()?;
+        let (_, image) = self.image_node(&node).ok_or_else(|| {
+            QmpError::generic(format!(
+                "Cannot find device='{node}' nor node-name='{node}'"
+            ))
+        })?;
+        let image = Arc::clone(image);
+        if let Some(id) = id.as_deref().filter(|i| !id_wellformed(i)) {
+            return Err(QmpError::generic(format!("Invalid block export id '{id}'")));
+        }
+        if self
+            .jobs
+            .iter()
+            .any(|j| j.node == node && j.status != JobStatus::Null)
+        {
+            return Err(QmpError::generic(format!(
+                "Node '{node}' has a block job; cancel or finish it before migrating"
+            )));
+        }
+        if !self.exports.server_running() {
+            return Err(QmpError::generic("NBD server not running"));
+        }
+        image
+            .flush()
+            .await
+            .map_err(|e| QmpError::generic(format!("Could not flush '{node}': {e}")))?;
+        image.set_copy_on_read(false, None);
+        image.freeze();
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.name == node) {
+            n.read_only = true;
+        }
+        for old in self.exports.ids_of_node(&node) {
+            self.exports.del(&old)?;
+            self.emit("BLOCK_EXPORT_DELETED", json!({"id": old}));
+        }
+        self.exports.add(NewExport {
+            id: id.unwrap_or_else(|| node.clone()),
+            node: node.clone(),
+            name,
+            description: Some("post-copy migration source (read-only)".into()),
+            writable: false,
+            device: image as Arc<dyn BlockDevice>,
+            node_read_only: true,
         })?;
         Ok(json!({}))
     }
@@ -947,7 +1107,9 @@ impl Core {
             on_error: on_error.engine(),
             max_in_flight: in_flight.map_or(defaults.max_in_flight, |n| n.max(1) as usize),
             chunk_size: chunk.unwrap_or(defaults.chunk_size),
+            relink: auto_finalize,
         };
+        let deferred_link = (!auto_finalize).then(|| opts.base.clone());
         // Guest reads through an export copy what they fetch, as QEMU's
         // implicit copy-on-read filter does while a stream runs.
         let cor_before = image.copy_on_read();
@@ -965,6 +1127,7 @@ impl Core {
             error: None,
             ended: false,
             cor_before,
+            deferred_link,
             engine,
         };
         // A finished job of the same node that was never dismissed stays
@@ -1141,6 +1304,28 @@ impl Core {
             data,
         );
         self.conclude(idx);
+    }
+
+    /// `block-job-finalize`: makes the link change the engine left for this
+    /// moment, then concludes; a failed change aborts the job with its
+    /// error, as a failed prepare does in QEMU.
+    async fn finalize_deferred(&mut self, id: &str) {
+        let Some(idx) = self.job_index(id) else {
+            return;
+        };
+        if let Some(base) = self.jobs[idx].deferred_link.take() {
+            let node = self.jobs[idx].node.clone();
+            let image = self.image_node(&node).map(|(_, i)| Arc::clone(i));
+            if let Some(image) = image
+                && let Err(e) = stream::finish(&image, &base).await
+            {
+                let job = &mut self.jobs[idx];
+                job.error = Some(e.to_string());
+                self.abort(idx, false);
+                return;
+            }
+        }
+        self.finalize(id);
     }
 
     fn finalize(&mut self, id: &str) {

@@ -112,7 +112,22 @@ impl Exports {
         self.recs.iter().any(|r| r.node == node)
     }
 
-    pub async fn start(&mut self, addr: &NbdAddr) -> Result<(), QmpError> {
+    /// The ids of the exports of `node`.
+    pub fn ids_of_node(&self, node: &str) -> Vec<String> {
+        self.recs
+            .iter()
+            .filter(|r| r.node == node)
+            .map(|r| r.id.clone())
+            .collect()
+    }
+
+    /// Starts the NBD server; with `tls`, every client must upgrade to TLS
+    /// before it sees anything (the export list included).
+    pub async fn start(
+        &mut self,
+        addr: &NbdAddr,
+        tls: Option<nbd::tls::ServerTls>,
+    ) -> Result<(), QmpError> {
         if self.server.is_some() {
             return Err(QmpError::generic("NBD server already running"));
         }
@@ -131,6 +146,7 @@ impl Exports {
         let mut config = ServerConfig::new(Vec::new());
         config.shared_exports = Some(Arc::clone(&self.table));
         config.persistent = true;
+        config.tls = tls;
         let (stop, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(listener, config, async move {
             let _ = rx.await;

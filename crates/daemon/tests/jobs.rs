@@ -625,3 +625,129 @@ async fn quick_pause_resume_is_never_mistaken_for_an_error_stop() {
     assert_streamed(&s).await;
     s.handle.shutdown().await;
 }
+
+/// With auto-finalize off the backing link stays until block-job-finalize
+/// (QEMU changes it in the job's prepare phase), so a job cancelled while
+/// pending leaves the image on its backing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backing_link_changes_at_finalize_not_before() {
+    let mut s = setup().await;
+    let h = s.handle.clone();
+    let mut seen = Vec::new();
+    exec(
+        &h,
+        "block-stream",
+        json!({"device": "top", "job-id": "j", "auto-finalize": false}),
+    )
+    .await;
+    until(&mut s.events, &mut seen, "BLOCK_JOB_PENDING", None).await;
+    assert!(s.image.backing().is_some(), "link dropped before finalize");
+    assert!(
+        s.overlay.backing().is_some(),
+        "header changed before finalize"
+    );
+    assert_eq!(s.overlay.allocated_bytes().unwrap(), SIZE);
+    exec(&h, "block-job-finalize", json!({"id": "j"})).await;
+    until(&mut s.events, &mut seen, "BLOCK_JOB_COMPLETED", None).await;
+    assert_streamed(&s).await;
+
+    // Cancelled while pending: the link stays.
+    let mut s = setup().await;
+    let h = s.handle.clone();
+    exec(
+        &h,
+        "block-stream",
+        json!({"device": "top", "job-id": "k", "auto-finalize": false}),
+    )
+    .await;
+    until(&mut s.events, &mut seen, "BLOCK_JOB_PENDING", None).await;
+    exec(&h, "block-job-cancel", json!({"device": "k"})).await;
+    until(&mut s.events, &mut seen, "BLOCK_JOB_CANCELLED", None).await;
+    assert!(s.image.backing().is_some());
+    assert!(s.overlay.backing().is_some());
+    assert_eq!(s.image.read(0, SIZE as usize).await.unwrap(), pattern());
+}
+
+/// `__com.diskstream_migrate-send`: refused while the node still changes
+/// (a job runs) or with no NBD server; then flushes, freezes the image for
+/// every holder, and replaces the node's exports with one read-only export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_send_freezes_the_node_and_exports_it_read_only() {
+    let s = setup().await;
+    let h = &s.handle;
+    let send = |h: Handle| async move {
+        h.execute(
+            "__com.diskstream_migrate-send",
+            json!({"node-name": "top"}).as_object().unwrap().clone(),
+        )
+        .await
+    };
+    let e = send(h.clone()).await.unwrap_err();
+    assert!(e.desc.contains("NBD server not running"), "{}", e.desc);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    exec(
+        h,
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock.display().to_string()}}}),
+    )
+    .await;
+    exec(
+        h,
+        "block-export-add",
+        json!({"type": "nbd", "id": "vm", "node-name": "top", "writable": true}),
+    )
+    .await;
+    s.image
+        .write(0, bytes::Bytes::from(vec![9u8; 4096]), Default::default())
+        .await
+        .unwrap();
+    // A running stream would keep changing the node.
+    exec(
+        h,
+        "block-stream",
+        json!({"device": "top", "job-id": "j", "speed": 1}),
+    )
+    .await;
+    let e = send(h.clone()).await.unwrap_err();
+    assert!(e.desc.contains("block job"), "{}", e.desc);
+    exec(h, "block-job-cancel", json!({"device": "j", "force": true})).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while query_job(h, "j").await.is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "job did not go");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    send(h.clone()).await.unwrap();
+    assert!(s.image.info().read_only);
+    let e = s
+        .image
+        .write(
+            8192,
+            bytes::Bytes::from(vec![1u8; 4096]),
+            Default::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), image::ErrorKind::ReadOnly, "{e}");
+    // The guest's last write is there, and reads still work.
+    assert_eq!(s.image.read(0, 4096).await.unwrap(), vec![9u8; 4096]);
+    let exports = exec(h, "query-block-exports", json!({})).await;
+    assert_eq!(
+        exports,
+        json!([{"type": "nbd", "id": "top", "node-name": "top", "shutting-down": false}])
+    );
+    let e = h
+        .execute(
+            "block-export-add",
+            json!({"type": "nbd", "id": "w", "node-name": "top", "name": "w", "writable": true})
+                .as_object()
+                .unwrap()
+                .clone(),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.desc.contains("read-only"), "{}", e.desc);
+    h.shutdown().await;
+    let _ = s.core.await;
+}

@@ -112,6 +112,19 @@ pub trait Format: Send + Sync + Debug {
     /// exactly, adjacent ranges with the same mapping merged.
     fn map(&self, offset: u64, len: u64) -> Result<Vec<MappedRange>>;
 
+    /// [`Format::map`], with the place each `Unallocated` range still has
+    /// in this file, if any (an unallocated subcluster of an allocated
+    /// qcow2 cluster): `qemu-img map` prints it as the offset of a range
+    /// that nothing below holds. Adjacent unallocated ranges are merged only
+    /// when those places are contiguous.
+    fn map_holes(&self, offset: u64, len: u64) -> Result<Vec<(MappedRange, Option<u64>)>> {
+        Ok(self
+            .map(offset, len)?
+            .into_iter()
+            .map(|r| (r, None))
+            .collect())
+    }
+
     /// Reads what this layer holds into `buf` (data, zeros, decompressed
     /// data) and returns the sub-ranges `(offset, len)` that are
     /// [`Mapping::Unallocated`], left untouched for the caller to fill.

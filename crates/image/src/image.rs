@@ -49,6 +49,8 @@ pub struct Image {
     locks: RangeLocks,
     name: String,
     closed: AtomicBool,
+    /// Set by [`Image::freeze`]: the image takes no more writes of any kind.
+    frozen: AtomicBool,
     copy_on_read: AtomicBool,
     /// Depth of the layer copy-on-read stops at (`NO_BASE` = none).
     cor_base_depth: AtomicU32,
@@ -131,6 +133,7 @@ impl Image {
             locks: RangeLocks::new(),
             name,
             closed: AtomicBool::new(false),
+            frozen: AtomicBool::new(false),
             copy_on_read: AtomicBool::new(false),
             cor_base_depth: AtomicU32::new(NO_BASE),
             stats: IoStats::default(),
@@ -182,8 +185,23 @@ impl Image {
         blocking(&self.format, |f| f.close()).await
     }
 
+    /// Makes the image read-only from now on, for every holder: guest
+    /// writes, copy-on-read and populate are refused, block status and reads
+    /// keep working, and [`BlockDevice::info`] reports it read-only (so an
+    /// NBD export opened afterwards advertises it). Flush first: this only
+    /// stops further changes. Post-copy migration freezes the source disk
+    /// this way before exporting it to the destination. There is no thaw.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the image takes no writes (opened read-only, or frozen).
+    pub fn read_only(&self) -> bool {
+        self.format.read_only() || self.frozen.load(Ordering::SeqCst)
+    }
+
     fn check_writable(&self) -> Result<()> {
-        if self.format.read_only() {
+        if self.read_only() {
             return Err(Error::ReadOnly {
                 name: self.name.clone(),
             });
@@ -223,7 +241,7 @@ impl Image {
         let backing = backing.expect("n > 0 only with a backing");
         let direct = (&*backing as &dyn std::any::Any)
             .downcast_ref::<Image>()
-            .filter(|b| !b.copy_on_read() || b.format.read_only());
+            .filter(|b| !b.copy_on_read() || b.read_only());
         let buf = if let Some(below) = direct {
             let mut buf = IoBuf::take(len as usize);
             buf[n as usize..].fill(0);
@@ -577,7 +595,7 @@ impl BlockDevice for Image {
         DeviceInfo {
             name: self.name.clone(),
             format: self.format.format_name().to_string(),
-            read_only: self.format.read_only(),
+            read_only: self.read_only(),
             layers: 1 + self.backing().map_or(0, |b| b.info().layers),
             granularity: self.format.granularity(),
             can_flush: !self.format.read_only(),
@@ -596,7 +614,7 @@ impl BlockDevice for Image {
         if holes.is_empty() || self.backing().is_none() {
             return Ok(buf);
         }
-        if !self.copy_on_read() || self.format.read_only() {
+        if !self.copy_on_read() || self.read_only() {
             self.fill_below(&mut buf, offset, holes).await?;
             return Ok(buf);
         }
@@ -669,9 +687,10 @@ impl BlockDevice for Image {
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         check_range(self.size(), offset, len)?;
-        let map = blocking(&self.format, move |f| f.map(offset, len)).await?;
+        let map = blocking(&self.format, move |f| f.map_holes(offset, len)).await?;
         let mut out = Vec::new();
-        for r in map {
+        let has_backing = self.backing().is_some();
+        for (r, hole_offset) in map {
             let e = |kind, depth, host_offset, compressed| Extent {
                 offset: r.offset,
                 length: r.length,
@@ -690,6 +709,11 @@ impl BlockDevice for Image {
                 }
                 Mapping::Zero { host_offset } => {
                     push_extent(&mut out, e(ExtentKind::Zero, Some(0), host_offset, false))
+                }
+                // With nothing below, a range that still has a place in this
+                // file reports it, as qemu-img map does.
+                Mapping::Unallocated if !has_backing && hole_offset.is_some() => {
+                    push_extent(&mut out, e(ExtentKind::Hole, None, hole_offset, false))
                 }
                 Mapping::Unallocated => self.status_below(r.offset, r.length, &mut out).await?,
             }

@@ -21,6 +21,7 @@ pub mod raw;
 pub mod stats;
 pub mod storage;
 pub mod testing;
+pub mod tracking;
 
 pub use device::{BlockDevice, DeviceInfo, Extent, ExtentKind, WriteFlags};
 pub use error::{Error, ErrorKind, Result};

@@ -52,7 +52,13 @@ pub enum BackingChoice {
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
     pub writable: bool,
+    /// Cache mode of the image itself.
     pub cache: CacheMode,
+    /// Cache mode of the backing chain below it. Writeback by default even
+    /// when the image is O_DIRECT: the chain is only read, and a base that
+    /// many overlays share is worth keeping in the page cache (QEMU's
+    /// backings inherit `cache.direct` unless the user names them).
+    pub backing_cache: CacheMode,
     /// Like `qemu-img -U`: open even while another process writes the image.
     pub force_share: bool,
     /// The format; `None` probes the top image (never a backing).
@@ -69,6 +75,7 @@ impl Default for OpenOptions {
         OpenOptions {
             writable: false,
             cache: CacheMode::Writeback,
+            backing_cache: CacheMode::Writeback,
             force_share: false,
             format: None,
             backing: BackingChoice::FromHeader,
@@ -312,6 +319,7 @@ async fn open_backing(
     };
     let bopts = OpenOptions {
         writable: false,
+        cache: opts.backing_cache,
         format: Some(format.to_string()),
         backing: BackingChoice::FromHeader,
         ..opts.clone()
@@ -397,6 +405,8 @@ pub struct CreateOptions {
     pub cluster_size: Option<u64>,
     /// QED table size in clusters; `None` for the default (4).
     pub table_size: Option<u32>,
+    /// qcow2 extended L2 entries (subclusters).
+    pub extended_l2: bool,
     pub cache: CacheMode,
 }
 
@@ -454,6 +464,7 @@ pub async fn create(path: &Path, kind: FormatKind, opts: &CreateOptions) -> Resu
                     size,
                     cluster_size: o.cluster_size,
                     backing: o.backing.clone(),
+                    extended_l2: o.extended_l2,
                 },
             ),
             FormatKind::Qed => qed::create(

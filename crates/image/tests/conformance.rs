@@ -686,6 +686,117 @@ async fn case_qcow2_over_shorter_backing() {
     suite(f).await;
 }
 
+// ---- qcow2 with extended L2 entries (subclusters) ----------------------
+
+/// [`qcow2_fixture`] on an image with extended L2 entries: the suite then
+/// runs at subcluster granularity (cluster / 32).
+async fn xl2_fixture(
+    name: &'static str,
+    size: u64,
+    cluster: u64,
+    backing: Option<(&str, &str)>,
+    dir: tempfile::TempDir,
+    initial: Vec<u8>,
+) -> Fixture {
+    let path = p(dir.path(), "top.qcow2");
+    create(
+        &path,
+        FormatKind::Qcow2,
+        &CreateOptions {
+            size: Some(size),
+            cluster_size: Some(cluster),
+            extended_l2: true,
+            backing: backing.map(|(n, f)| BackingSpec {
+                name: n.into(),
+                format: Some(f.into()),
+            }),
+            ..CreateOptions::default()
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{name}: create: {e}"));
+    let img = open_rw(&path).await;
+    assert_eq!(img.info().granularity, cluster / 32, "{name}");
+    let below = img.backing();
+    Fixture {
+        name,
+        dev: img,
+        below,
+        initial,
+        top: FormatKind::Qcow2,
+        path,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn conformance_qcow2_xl2_no_backing() {
+    with_deadline("conformance_qcow2_xl2_no_backing", SUITE_TIMEOUT, async {
+        let size = (6 << 20) + 512;
+        let f = xl2_fixture(
+            "qcow2-xl2-64k",
+            size,
+            64 << 10,
+            None,
+            tempfile::tempdir().unwrap(),
+            vec![0; size as usize],
+        )
+        .await;
+        suite(f).await;
+    });
+}
+
+#[test]
+fn conformance_qcow2_xl2_over_raw_backing() {
+    with_deadline(
+        "conformance_qcow2_xl2_over_raw_backing",
+        SUITE_TIMEOUT,
+        async {
+            let dir = tempfile::tempdir().unwrap();
+            let size = 4u64 << 20;
+            let content = patchy(&mut TestRng::new(31), size as usize);
+            raw_file(&p(dir.path(), "base.raw"), &content);
+            let f = xl2_fixture(
+                "qcow2-xl2-16k-over-raw",
+                size,
+                16 << 10,
+                Some(("base.raw", "raw")),
+                dir,
+                content,
+            )
+            .await;
+            suite(f).await;
+        },
+    );
+}
+
+#[test]
+fn conformance_qcow2_xl2_2m_clusters_over_short_backing() {
+    with_deadline(
+        "conformance_qcow2_xl2_2m_clusters_over_short_backing",
+        SUITE_TIMEOUT,
+        async {
+            let dir = tempfile::tempdir().unwrap();
+            let size = 8u64 << 20;
+            // Ends inside a subcluster of the overlay.
+            let bsize = (5 << 20) + 3 * 512;
+            let mut content = patchy(&mut TestRng::new(32), bsize);
+            raw_file(&p(dir.path(), "short.raw"), &content);
+            content.resize(size as usize, 0);
+            let f = xl2_fixture(
+                "qcow2-xl2-2m-over-short",
+                size,
+                2 << 20,
+                Some(("short.raw", "raw")),
+                dir,
+                content,
+            )
+            .await;
+            suite(f).await;
+        },
+    );
+}
+
 // ---- QED ------------------------------------------------------------------
 
 async fn qed_fixture(

@@ -130,13 +130,19 @@ fn journaled(dir: &Path) -> Option<u64> {
 }
 
 async fn crash_iterations(kind: FormatKind) {
+    crash_iterations_on(kind, false).await
+}
+
+/// Kills on `kind` images; qcow2 ones with extended L2 entries if `xl2`.
+async fn crash_iterations_on(kind: FormatKind, xl2: bool) {
     let iters = env_count("DS_CRASH_ITERS", 4);
     let shift = env_count("DS_SEED", 0);
     let mut total_batches = 0;
     for it in 0..iters {
         let seed = shift
             .wrapping_add(it)
-            .wrapping_add(if kind == FormatKind::Raw { 1 << 32 } else { 0 });
+            .wrapping_add(if kind == FormatKind::Raw { 1 << 32 } else { 0 })
+            .wrapping_add(if xl2 { 1 << 33 } else { 0 });
         let mut rng = TestRng::new(seed ^ 0xC0FFEE);
         let dir = tempfile::tempdir().unwrap();
         let disk = dir.path().join("disk");
@@ -146,7 +152,11 @@ async fn crash_iterations(kind: FormatKind) {
                 let base = patchy(&mut rng, SIZE as usize);
                 std::fs::write(dir.path().join("base.raw"), &base).unwrap();
                 initial = base;
-                let cluster = *rng.pick(&[4096u64, 65536]);
+                let cluster = *rng.pick(if xl2 {
+                    &[16384u64, 65536]
+                } else {
+                    &[4096u64, 65536]
+                });
                 create(
                     &disk,
                     kind,
@@ -154,6 +164,7 @@ async fn crash_iterations(kind: FormatKind) {
                         size: Some(SIZE),
                         cluster_size: Some(cluster),
                         table_size: (kind == FormatKind::Qed).then(|| *rng.pick(&[2u32, 4])),
+                        extended_l2: xl2,
                         backing: Some(BackingSpec {
                             name: "base.raw".into(),
                             format: Some("raw".into()),
@@ -300,4 +311,10 @@ async fn process_crash_raw_keeps_journaled_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_crash_qed_overlay_keeps_journaled_writes() {
     crash_iterations(FormatKind::Qed).await;
+}
+
+/// The same kills on overlays with extended L2 entries (subclusters).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_crash_qcow2_xl2_overlay_keeps_journaled_writes() {
+    crash_iterations_on(FormatKind::Qcow2, true).await;
 }

@@ -158,6 +158,7 @@ async fn whole_device_write_512b() {
             size,
             cluster_size: Some(512),
             backing: None,
+            ..Default::default()
         },
     )
     .unwrap();

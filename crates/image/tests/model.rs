@@ -93,9 +93,18 @@ async fn check_against(dev: &Image, model: &mut ContentModel, ctx: &str) {
 }
 
 async fn run_seed(seed: u64) {
+    run_seed_on(seed, false).await
+}
+
+/// One seed on an overlay with standard or extended (`xl2`) L2 entries.
+async fn run_seed_on(seed: u64, xl2: bool) {
     let mut rng = TestRng::new(seed);
     let dir = tempfile::tempdir().unwrap();
-    let cluster = *rng.pick(&[512u64, 4096, 65536]);
+    let cluster = if xl2 {
+        *rng.pick(&[16384u64, 65536])
+    } else {
+        *rng.pick(&[512u64, 4096, 65536])
+    };
     let size: u64 = 8 << 20;
     let bsize = if rng.chance(1, 3) { 6 << 20 } else { size };
     let content = patchy(&mut rng, bsize as usize);
@@ -118,11 +127,20 @@ async fn run_seed(seed: u64) {
     } else {
         ("base.raw", "raw")
     };
-    let ctx = format!("seed {seed} (cluster {cluster}, {bfmt} backing of {bsize} bytes)");
+    let ctx = format!(
+        "seed {seed} (cluster {cluster}{}, {bfmt} backing of {bsize} bytes)",
+        if xl2 { ", extended L2" } else { "" }
+    );
     let top = dir.path().join("top.qcow2");
     // Made by qemu-img: this test is about I/O; our create is covered by
     // the conformance suite.
-    std::fs::write(&top, qemu_qcow2_bytes(size, cluster, Some((bname, bfmt)))).unwrap();
+    let bytes = if xl2 {
+        let opts = format!("cluster_size={cluster},extended_l2=on");
+        qemu_qcow2_bytes_opts(size, &opts, Some((bname, bfmt)))
+    } else {
+        qemu_qcow2_bytes(size, cluster, Some((bname, bfmt)))
+    };
+    std::fs::write(&top, bytes).unwrap();
     let mut initial = content.clone();
     initial.resize(size as usize, 0);
     let mut model = ContentModel::new(initial);
@@ -270,6 +288,23 @@ async fn model_random_ops_on_raw() {
         m.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{out}");
+}
+
+/// The model on overlays with extended L2 entries: concurrent requests on
+/// different subclusters of one cluster, partial-subcluster copy-on-write,
+/// zero subclusters.
+#[test]
+fn model_random_ops_on_qcow2_xl2_overlay() {
+    let seeds = env_count("DS_SEEDS", 3);
+    let shift = env_count("DS_SEED", 0);
+    for s in 0..seeds {
+        let seed = shift.wrapping_add(s).wrapping_add(1 << 40);
+        with_deadline(
+            &format!("model xl2 seed {seed}"),
+            std::time::Duration::from_secs(60),
+            run_seed_on(seed, true),
+        );
+    }
 }
 
 // ---- QED --------------------------------------------------------------------

@@ -242,11 +242,13 @@ async fn record(cfg: &Config, wseed: u64) -> Recorded {
     let initial = backing
         .as_ref()
         .map_or_else(|| vec![0; cfg.size as usize], |b| b.1.clone());
-    let base = qemu_qcow2_bytes(
-        cfg.size,
-        cfg.cluster,
-        backing.as_ref().map(|b| (b.2.0, b.2.1)),
-    );
+    let backing_spec = backing.as_ref().map(|b| (b.2.0, b.2.1));
+    let base = if cfg.name.starts_with(XL2_PREFIX) {
+        let opts = format!("cluster_size={},extended_l2=on", cfg.cluster);
+        qemu_qcow2_bytes_opts(cfg.size, &opts, backing_spec)
+    } else {
+        qemu_qcow2_bytes(cfg.size, cfg.cluster, backing_spec)
+    };
     let rec = Arc::new(RecordingStorage::new("overlay.qcow2", base));
     let f = open_qcow2(rec.clone(), true).await.expect("open overlay");
     let img = Image::new(f, backing.as_ref().map(|b| b.0.clone()));
@@ -552,6 +554,36 @@ async fn powerloss_oracle_rejects_states_that_lost_unflushed_writes_if_claimed_d
         }
     }
     assert!(rejected > 20, "only {rejected} of 200 states lost anything");
+}
+
+// ---- qcow2 with extended L2 entries (subclusters) ----
+
+/// Configs named with this prefix run on overlays with extended L2 entries
+/// (a name rather than a field, so the configs above stay as they are).
+const XL2_PREFIX: &str = "xl2-";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn powerloss_qcow2_xl2_16k_clusters_raw_backing() {
+    powerloss(Config {
+        name: "xl2-16k-raw-backing",
+        cluster: 16 << 10,
+        size: 1 << 20,
+        backing: Backing::Raw(1 << 20),
+        seed: 6,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn powerloss_qcow2_xl2_64k_clusters_qcow2_backing() {
+    powerloss(Config {
+        name: "xl2-64k-qcow2-backing",
+        cluster: 64 << 10,
+        size: 2 << 20,
+        backing: Backing::Qcow2,
+        seed: 7,
+    })
+    .await;
 }
 
 // ---- QED ----------------------------------------------------------------------

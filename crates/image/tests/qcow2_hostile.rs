@@ -17,6 +17,7 @@ fn small_image() -> Vec<u8> {
             size: 2 << 20,
             cluster_size: Some(4096),
             backing: None,
+            ..Default::default()
         },
     )
     .unwrap();

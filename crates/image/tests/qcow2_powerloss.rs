@@ -102,6 +102,7 @@ fn power_loss_states(cluster: u64, size: u64, max_write: u64, seed: u64) {
             size,
             cluster_size: Some(cluster),
             backing: None,
+            ..Default::default()
         },
     )
     .unwrap();

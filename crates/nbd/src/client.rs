@@ -172,6 +172,10 @@ pub struct ClientOptions {
     pub backoff_max: Duration,
     /// Require TLS (`STARTTLS`) with these settings; `None` = plaintext.
     pub tls: Option<crate::tls::ClientTls>,
+    /// Connections to open when the server advertises `CAN_MULTI_CONN`
+    /// (one otherwise). The extra ones connect in the background, so a
+    /// server that accepts fewer clients never delays the open.
+    pub connections: usize,
 }
 
 impl Default for ClientOptions {
@@ -183,6 +187,7 @@ impl Default for ClientOptions {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
             tls: None,
+            connections: 4,
         }
     }
 }
@@ -722,23 +727,46 @@ struct Shared {
     closed: AtomicBool,
 }
 
-/// An NBD export as a [`BlockDevice`].
+/// One connection and its supervisor (which reconnects it).
 #[derive(Debug)]
-pub struct NbdClient {
+struct Lane {
     shared: Arc<Shared>,
-    info: ExportInfo,
     supervisor: AbortHandle,
 }
 
-impl Drop for NbdClient {
+impl Lane {
+    fn start(target: Target, uri: String, opts: ClientOptions, n: Negotiated) -> Lane {
+        let size = n.info.size;
+        let conn = Conn::start(n);
+        let (state, _) = watch::channel(State::Up(Arc::clone(&conn)));
+        let shared = Arc::new(Shared {
+            target,
+            uri,
+            opts,
+            state,
+            size,
+            closed: AtomicBool::new(false),
+        });
+        let supervisor = tokio::spawn(supervise(Arc::downgrade(&shared), conn)).abort_handle();
+        Lane { shared, supervisor }
+    }
+
+    /// The live connection, if the lane has one right now.
+    fn live(&self) -> Option<Arc<Conn>> {
+        match &*self.shared.state.borrow() {
+            State::Up(c) if !c.is_dead() => Some(Arc::clone(c)),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Lane {
     fn drop(&mut self) {
         self.shared.closed.store(true, Ordering::SeqCst);
         self.supervisor.abort();
         // A polite goodbye: DISC, then the writer shuts the stream down
         // (a TLS close_notify) once the connection object is gone.
-        if let State::Up(c) = &*self.shared.state.borrow()
-            && !c.is_dead()
-        {
+        if let Some(c) = self.live() {
             let mut head = Vec::with_capacity(REQUEST_HEADER_LEN);
             encode_request(
                 &Request {
@@ -751,6 +779,32 @@ impl Drop for NbdClient {
                 &mut head,
             );
             let _ = c.tx.send((head, None));
+        }
+    }
+}
+
+/// An NBD export as a [`BlockDevice`].
+///
+/// The first connection decides everything (its outage state is what
+/// requests wait on and fail with); when the server advertises
+/// `CAN_MULTI_CONN`, up to `connections - 1` more connect in the background
+/// and requests are spread over whichever are up, round robin. Multi-conn
+/// makes that safe: a flush on any connection covers the writes completed
+/// on all of them.
+#[derive(Debug)]
+pub struct NbdClient {
+    shared: Arc<Shared>,
+    info: ExportInfo,
+    first: Lane,
+    extra: Arc<Mutex<Vec<Lane>>>,
+    next: AtomicU64,
+    dialer: Option<AbortHandle>,
+}
+
+impl Drop for NbdClient {
+    fn drop(&mut self) {
+        if let Some(d) = &self.dialer {
+            d.abort();
         }
     }
 }
@@ -774,22 +828,33 @@ impl NbdClient {
             })?
             .map_err(|e| Error::Remote(format!("{uri}: {e}")))?;
         let info = n.info;
-        let conn = Conn::start(n);
-        let (state, _) = watch::channel(State::Up(Arc::clone(&conn)));
-        let shared = Arc::new(Shared {
-            target,
-            uri,
-            opts,
-            state,
-            size: info.size,
-            closed: AtomicBool::new(false),
+        let first = Lane::start(target.clone(), uri.clone(), opts.clone(), n);
+        let extra = Arc::new(Mutex::new(Vec::new()));
+        let wanted = opts.connections.saturating_sub(1);
+        let dialer = (info.has(TFLAG_CAN_MULTI_CONN) && wanted > 0).then(|| {
+            tokio::spawn(dial_extra(
+                Arc::downgrade(&extra),
+                target,
+                uri,
+                opts,
+                info,
+                wanted,
+            ))
+            .abort_handle()
         });
-        let supervisor = tokio::spawn(supervise(Arc::downgrade(&shared), conn)).abort_handle();
         Ok(NbdClient {
-            shared,
+            shared: Arc::clone(&first.shared),
             info,
-            supervisor,
+            first,
+            extra,
+            next: AtomicU64::new(0),
+            dialer,
         })
+    }
+
+    /// Connections up right now (1 while only the first one is).
+    pub fn connections(&self) -> usize {
+        1 + self.extra.lock().expect("lanes lock").len()
     }
 
     /// What the first negotiation found.
@@ -806,8 +871,25 @@ impl NbdClient {
         matches!(&*self.shared.state.borrow(), State::Up(c) if !c.is_dead())
     }
 
-    /// Waits for a live connection, within the reconnect window.
+    /// A live connection: the next one round robin when several are up,
+    /// else waits for the first one within the reconnect window.
     async fn conn(&self) -> Result<Arc<Conn>> {
+        {
+            let extra = self.extra.lock().expect("lanes lock");
+            if !extra.is_empty() {
+                let n = extra.len() + 1;
+                let i = self.next.fetch_add(1, Ordering::Relaxed) as usize;
+                for k in 0..n {
+                    let lane = match (i + k) % n {
+                        0 => &self.first,
+                        j => &extra[j - 1],
+                    };
+                    if let Some(c) = lane.live() {
+                        return Ok(c);
+                    }
+                }
+            }
+        }
         let mut rx = self.shared.state.subscribe();
         loop {
             let state = rx.borrow_and_update().clone();
@@ -928,6 +1010,31 @@ fn window_text(w: Option<Duration>) -> String {
     match w {
         None => "unlimited".into(),
         Some(d) => format!("{d:?}"),
+    }
+}
+
+/// Opens the extra connections of a multi-conn client, one after another;
+/// one that fails, or sees a different export, is left out (the server may
+/// take fewer clients than we asked for).
+async fn dial_extra(
+    lanes: Weak<Mutex<Vec<Lane>>>,
+    target: Target,
+    uri: String,
+    opts: ClientOptions,
+    info: ExportInfo,
+    wanted: usize,
+) {
+    for _ in 0..wanted {
+        let n =
+            match tokio::time::timeout(opts.connect_timeout, negotiate(&target, opts.tls.as_ref()))
+                .await
+            {
+                Ok(Ok(n)) if n.info.size == info.size && n.info.flags == info.flags => n,
+                _ => return,
+            };
+        let lane = Lane::start(target.clone(), uri.clone(), opts.clone(), n);
+        let Some(lanes) = lanes.upgrade() else { return };
+        lanes.lock().expect("lanes lock").push(lane);
     }
 }
 

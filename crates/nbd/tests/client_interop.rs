@@ -526,3 +526,85 @@ async fn qcow2_overlay_over_an_nbd_backing_opens_through_image_open() {
         .unwrap_err();
     assert!(e.to_string().contains("b.sock"), "{e}");
 }
+
+/// Waits (bounded) until the client has `n` connections up.
+async fn wait_connections(c: &NbdClient, n: usize) {
+    for _ in 0..100 {
+        if c.connections() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{} connections up, expected {n}", c.connections());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_conn_spreads_requests_and_a_flush_covers_every_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("m.sock");
+    // nbdkit's memory plugin advertises CAN_MULTI_CONN.
+    let p = Peer::start(
+        &sock,
+        "nbdkit",
+        &["-f", "-U", sock.to_str().unwrap(), "memory", "16M"],
+    );
+    let c = Arc::new(NbdClient::connect_uri(&p.uri(""), opts()).await.unwrap());
+    wait_connections(&c, 4).await;
+    let mut tasks = Vec::new();
+    for i in 0..64u64 {
+        let c = Arc::clone(&c);
+        tasks.push(tokio::spawn(async move {
+            c.write(
+                i * 65536,
+                Bytes::from(pattern(65536, i + 7)),
+                WriteFlags::default(),
+            )
+            .await
+            .unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    c.flush().await.unwrap();
+    // Read back on a fresh single-connection client: what the four
+    // connections wrote is one export's content.
+    let one = NbdClient::connect_uri(
+        &p.uri(""),
+        ClientOptions {
+            connections: 1,
+            ..opts()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(one.connections(), 1);
+    for i in 0..64u64 {
+        let got = one.read(i * 65536, 65536).await.unwrap();
+        assert!(got == pattern(65536, i + 7), "block {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_when_the_server_does_not_offer_multi_conn() {
+    let (dir, file, content) = fixture();
+    let sock = dir.path().join("q.sock");
+    // qemu-nbd with its default --shared=1 does not advertise CAN_MULTI_CONN
+    // (and would not accept a second client).
+    let p = Peer::start(
+        &sock,
+        "qemu-nbd",
+        &[
+            "-f",
+            "raw",
+            "-r",
+            "-k",
+            sock.to_str().unwrap(),
+            file.to_str().unwrap(),
+        ],
+    );
+    let c = NbdClient::connect_uri(&p.uri(""), opts()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(c.connections(), 1);
+    assert!(read_all(&c).await == content);
+}

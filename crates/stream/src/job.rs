@@ -60,6 +60,11 @@ pub struct StreamOptions {
     pub max_in_flight: usize,
     /// Bytes per copy (rounded up to the image's allocation unit).
     pub chunk_size: u64,
+    /// Drop (or move to the base) the backing link as the last step. A
+    /// job that waits to be finalized (QMP `auto-finalize: false`) leaves
+    /// it to [`finish`], called at finalize, as QEMU changes the link in
+    /// its prepare phase.
+    pub relink: bool,
 }
 
 impl Default for StreamOptions {
@@ -71,6 +76,7 @@ impl Default for StreamOptions {
             on_error: OnError::Report,
             max_in_flight: 8,
             chunk_size: 1 << 20,
+            relink: true,
         }
     }
 }
@@ -394,6 +400,23 @@ pub async fn remaining_bytes(
     Ok(r)
 }
 
+/// Rewrites the link of a streamed image: drops it, or points it at the
+/// base. Refuses while data above the base is still remote (a guest write
+/// cannot make data remote, so after a completed stream this only fails on
+/// I/O).
+pub async fn finish(image: &Image, base: &Base) -> Result<(), StreamError> {
+    let left = remaining_bytes(image, base.depth).await?;
+    if !left.is_empty() {
+        return Err(image::Error::Internal(format!(
+            "{}: {} bytes above the base are still remote; not changing the backing link",
+            image.info().name,
+            left.data + left.zeros
+        ))
+        .into());
+    }
+    complete(image, base).await
+}
+
 /// Rewrites the link once nothing above the base is remote.
 async fn complete(image: &Image, base: &Base) -> Result<(), StreamError> {
     if base.link.is_none() && image.backing().is_none() && image.backing_spec().is_none() {
@@ -639,7 +662,9 @@ impl Runner {
             }
             image.flush().await?;
             if remaining_bytes(&image, base_depth).await?.is_empty() {
-                complete(&image, &self.opts.base).await?;
+                if self.opts.relink {
+                    complete(&image, &self.opts.base).await?;
+                }
                 return Ok(Outcome::Completed);
             }
             pass += 1;

@@ -18,5 +18,5 @@ pub mod throttle;
 pub use base::{Base, resolve_base};
 pub use job::{
     JobInfo, JobState, OnError, Outcome, Remaining, StepOutcome, StreamError, StreamJob,
-    StreamOptions, StreamSummary, remaining_bytes, step,
+    StreamOptions, StreamSummary, finish, remaining_bytes, step,
 };

@@ -71,6 +71,7 @@ async fn run(cluster: u64, seed: u64) {
                 name: "backing.raw".into(),
                 format: Some("raw".into()),
             }),
+            ..Default::default()
         },
     )
     .unwrap();

@@ -519,6 +519,42 @@ async fn reported_rate_follows_the_speed_limit() {
     drop(img);
 }
 
+/// With extended L2 entries the stream copies per subcluster: 64 KiB runs
+/// of backing data under 2 MiB clusters are copied as 64 KiB, not as the
+/// clusters around them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_l2_overlay_streams_per_subcluster() {
+    let d = tempfile::tempdir().unwrap();
+    let raw = d.path().join("base.raw");
+    let model = make_raw(&raw, 32 * MIB, 64 << 10, 40, 9);
+    let top = d.path().join("top.qcow2");
+    let out = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=2M",
+        "-b",
+        p(&raw),
+        "-F",
+        "raw",
+        p(&top),
+    ]);
+    assert!(out.status.success());
+    let img = open_rw(&top).await;
+    assert_eq!(img.info().granularity, 64 << 10);
+    let s = stream_to_end(&img, StreamOptions::default()).await;
+    assert_eq!(s.outcome, Outcome::Completed);
+    assert_eq!(s.copied, 40 * (64 << 10), "copies exactly the data");
+    assert_eq!(img.stats().snapshot().backing_read_bytes, 40 * (64 << 10));
+    img.close().await.unwrap();
+    drop(img);
+    assert!(info_json(&top).get("backing-filename").is_none());
+    assert_check_clean(&top);
+    assert_same_as_model(&top, &model, d.path());
+}
+
 // ---- QED ------------------------------------------------------------------
 
 /// [`chain`] with a QED top (made by qemu-img) instead of qcow2.

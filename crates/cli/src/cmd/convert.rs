@@ -94,6 +94,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         size: Some(size),
         cluster_size: fo.cluster_size,
         table_size: fo.table_size,
+        extended_l2: fo.extended_l2,
         cache: a.cache,
         ..CreateOptions::default()
     };

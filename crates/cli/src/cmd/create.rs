@@ -35,7 +35,8 @@ pub struct Args {
     #[arg(short = 'F', long = "backing-format")]
     backing_format: Option<String>,
     /// Format options, comma separated: cluster_size=N (qcow2; a power of
-    /// two from 512 bytes to 2 MiB, suffixes allowed).
+    /// two from 512 bytes to 2 MiB, suffixes allowed), extended_l2=on|off
+    /// (qcow2 subclusters; clusters of at least 16 KiB).
     #[arg(short = 'o', long = "options")]
     options: Option<String>,
     /// Do not print the "Formatting ..." line.
@@ -58,6 +59,8 @@ pub struct FormatOptions {
     pub cluster_size: Option<u64>,
     /// QED only: L1/L2 table size in clusters.
     pub table_size: Option<u32>,
+    /// qcow2 extended L2 entries (subclusters).
+    pub extended_l2: bool,
 }
 
 /// Parses `-o key=value[,key=value...]` for an image of format `kind`.
@@ -105,13 +108,23 @@ pub fn parse_options(
                 }
                 o.table_size = Some(n);
             }
-            ("cluster_size" | "table_size", _) => anyhow::bail!(
+            ("extended_l2", FormatKind::Qcow2) => {
+                o.extended_l2 = match v {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => anyhow::bail!(
+                        "{}: extended_l2 must be on or off, not '{v}'",
+                        image.display()
+                    ),
+                };
+            }
+            ("cluster_size" | "table_size" | "extended_l2", _) => anyhow::bail!(
                 "{}: {k} is not an option of {} images",
                 image.display(),
                 kind.name()
             ),
             _ => anyhow::bail!(
-                "{}: unknown option '{k}' (known: cluster_size; table_size for qed)",
+                "{}: unknown option '{k}' (known: cluster_size, extended_l2 for qcow2, table_size for qed)",
                 image.display()
             ),
         }
@@ -199,6 +212,9 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         if let Some(t) = fo.table_size {
             line += &format!(" table_size={t}");
         }
+        if fo.extended_l2 {
+            line += " extended_l2=on";
+        }
         line += &format!(" size={size}");
         if let Some(spec) = &backing {
             line += &format!(
@@ -214,6 +230,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         backing,
         cluster_size: fo.cluster_size,
         table_size: fo.table_size,
+        extended_l2: fo.extended_l2,
         cache: a.cache,
     };
     image::create(path, kind, &opts)

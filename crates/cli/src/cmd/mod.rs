@@ -11,20 +11,25 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use image::Image;
-use image::open::{BackingChoice, OpenOptions, is_uri, resolve_backing_path};
+use image::open::{BackingChoice, OpenOptions, Opener, is_uri, resolve_backing_path};
 
 pub mod check;
 pub mod convert;
 pub mod create;
 pub mod daemon;
+pub mod demo;
+pub mod deploy;
 pub mod info;
 pub mod job;
 pub mod map;
+pub mod migrate;
 pub mod progress;
 pub mod pull;
 pub mod pull_step;
 pub mod qmp;
 pub mod serve;
+pub mod session;
+pub mod source;
 pub mod stream;
 
 /// `--output` of the reporting commands, as qemu-img's.
@@ -168,6 +173,12 @@ pub async fn walk_chain(
     Ok(layers)
 }
 
+/// What opens the backings that are not local files (`nbd://`,
+/// `nbd+unix://`): every command that opens a chain passes it on.
+pub fn network_opener() -> Arc<dyn Opener> {
+    Arc::new(nbd::client::NbdOpener::default())
+}
+
 /// Opens an image with its whole backing chain, read-only.
 pub async fn open_chain(
     path: &Path,
@@ -177,6 +188,7 @@ pub async fn open_chain(
     let opts = OpenOptions {
         force_share,
         format,
+        opener: Some(network_opener()),
         ..OpenOptions::default()
     };
     image::open(path, &opts)

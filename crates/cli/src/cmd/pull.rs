@@ -126,7 +126,7 @@ pub fn progress_line(job: &Value) -> String {
     format!("Block Pull: [{pct:3} %]")
 }
 
-async fn follow(
+pub(crate) async fn follow(
     c: &mut Client,
     device: &str,
     verbose: bool,

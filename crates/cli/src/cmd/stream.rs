@@ -45,6 +45,10 @@ pub struct StreamArgs {
     /// Cache mode of the top image: writeback or none (O_DIRECT).
     #[arg(short = 't', long = "cache", default_value = "writeback")]
     cache: CacheMode,
+    /// Cache mode of the backing chain, which is only read: writeback (the
+    /// page cache, shared by every overlay of the same base) or none.
+    #[arg(short = 'T', long = "backing-cache", default_value = "writeback")]
+    backing_cache: CacheMode,
     /// Output format of the result.
     #[arg(long, default_value = "human", value_parser = ["human", "json"])]
     output: String,
@@ -65,6 +69,8 @@ pub async fn run(args: StreamArgs) -> Result<ExitCode> {
     let opts = OpenOptions {
         writable: true,
         cache: args.cache,
+        backing_cache: args.backing_cache,
+        opener: Some(super::network_opener()),
         ..OpenOptions::default()
     };
     let img = image::open(&args.image, &opts)
@@ -81,6 +87,7 @@ pub async fn run(args: StreamArgs) -> Result<ExitCode> {
         },
         max_in_flight: args.in_flight.max(1),
         chunk_size: args.chunk_size.max(512),
+        relink: true,
     };
     let json = args.output == "json";
     if let Some(offset) = args.step {

@@ -88,6 +88,9 @@ pub struct BlockJob {
     /// The node's copy-on-read setting before the job turned it on (QEMU
     /// inserts a copy-on-read filter for a stream job, and removes it after).
     pub cor_before: bool,
+    /// With auto-finalize off, the link change the engine left for
+    /// finalize (QEMU makes it in the job's prepare phase).
+    pub deferred_link: Option<stream::Base>,
     pub engine: Arc<StreamJob>,
 }
 

@@ -10,7 +10,9 @@
 //! repair leaves the old state), as qemu's `rebuild_refcount_structure` does.
 
 use super::Meta;
-use super::entry::{COPIED, L2Entry, OFFSET_MASK, get_be64, l1_table};
+use super::entry::{
+    ALL_ALLOC, COMPRESSED, COPIED, Entry, L2Entry, OFFSET_MASK, get_be64, l1_table,
+};
 use super::refcount::{max_refcount, set_entry};
 use crate::Result;
 use crate::format::{CheckReport, Repair};
@@ -25,6 +27,8 @@ struct Walk {
     /// (table offset, index, raw entry, is L1) of active L1/L2 entries with a
     /// host cluster, to compare their COPIED flag with the refcount.
     flagged: Vec<(u64, usize, u64, bool)>,
+    /// (file offset, repaired value) of contradicting subcluster bitmaps.
+    bad_bitmaps: Vec<(u64, u64)>,
 }
 
 impl Walk {
@@ -79,8 +83,40 @@ fn walk_l1(m: &Meta, w: &mut Walk, l1_off: u64, l1: &[u64], active: bool) -> Res
         }
         let l2 = read_u64s(m, l2_off, (cs / 8) as usize)?;
         let mut next_contiguous = 0u64;
-        for (j, &e) in l2.iter().enumerate() {
-            let entry = L2Entry::decode(e, cb);
+        // With extended L2 entries, every other word is a subcluster bitmap.
+        let words = if m.ext { 2 } else { 1 };
+        for (j, &e) in l2.iter().enumerate().step_by(words) {
+            let bitmap = if m.ext { l2[j + 1] } else { 0 };
+            let bitmap_at = l2_off + (j as u64 + 1) * 8;
+            let entry = match Entry::decode(e, bitmap, cb, m.ext) {
+                Ok(x) => x.l2,
+                Err(msg) => {
+                    w.report.corruptions += 1;
+                    w.report.messages.push(format!(
+                        "ERROR L2 table {l2_off:#x} entry {}: {msg}",
+                        j / words
+                    ));
+                    let l2 = L2Entry::decode(e & !1, cb);
+                    // The repair keeps the data: allocation wins over zero;
+                    // without a host cluster nothing can be allocated.
+                    let fixed = if l2.is_allocated() {
+                        bitmap & !((bitmap & ALL_ALLOC) << 32)
+                    } else {
+                        bitmap & !ALL_ALLOC
+                    };
+                    w.bad_bitmaps.push((bitmap_at, fixed));
+                    l2
+                }
+            };
+            if m.ext && e & COMPRESSED != 0 && bitmap != 0 {
+                w.report.corruptions += 1;
+                w.report.messages.push(format!(
+                    "ERROR compressed cluster {} with non-zero subcluster allocation bitmap, \
+                     entry={e:#x}",
+                    j / words
+                ));
+                w.bad_bitmaps.push((bitmap_at, 0));
+            }
             match entry {
                 L2Entry::Compressed { host, len } => {
                     if e & COPIED != 0 {
@@ -213,6 +249,7 @@ fn walk(m: &Meta) -> Result<Walk> {
             ..CheckReport::default()
         },
         flagged: Vec::new(),
+        bad_bitmaps: Vec::new(),
     };
     w.inc(cb, 0, cs);
     walk_l1(m, &mut w, m.h.l1_table_offset, &m.l1, true)?;
@@ -322,6 +359,9 @@ fn check_once(m: &mut Meta, repair: Option<Repair>) -> Result<(CheckReport, Vec<
     match repair {
         Some(Repair::All) if w.report.corruptions > 0 => {
             rebuild_refcounts(m, w.refs.clone())?;
+            for &(at, fixed) in &w.bad_bitmaps {
+                m.write(&fixed.to_be_bytes(), at, "fix subcluster bitmap")?;
+            }
             for &(table, i, raw, is_l1, copied) in &bad_flags {
                 let fixed = if copied { raw | COPIED } else { raw & !COPIED };
                 m.write(

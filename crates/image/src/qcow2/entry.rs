@@ -1,8 +1,12 @@
 //! Pure bit helpers for qcow2 L1 and L2 table entries.
 //!
-//! Every decision about what an entry means is made here and nowhere else
-//! ([`L2Entry::decode`]), so extended L2 entries (sub-cluster bitmaps) can
-//! later be added in one place. Nothing here does I/O.
+//! Every decision about what an entry means is made here and nowhere else:
+//! [`L2Entry::decode`] for the 64-bit descriptor, [`Entry`] for a whole L2
+//! entry, standard or extended (128 bits: the descriptor, then a 32-bit
+//! allocation bitmap and a 32-bit zero bitmap, one bit per subcluster). The
+//! rest of the engine sees an image as clusters of `units` allocation units
+//! (1 for standard images, 32 subclusters with extended L2 entries) and asks
+//! [`Entry::unit`] what each unit is. Nothing here does I/O.
 
 /// Bit 63 of L1 and L2 entries: the cluster's refcount is exactly one, so it
 /// may be written in place.
@@ -96,6 +100,150 @@ impl L2Entry {
     }
 }
 
+/// Subclusters per cluster with extended L2 entries (docs/interop/qcow2.rst).
+pub const SUBCLUSTERS: u32 = 32;
+/// Allocation bits of an extended L2 bitmap (bit x = subcluster x).
+pub const ALL_ALLOC: u64 = 0xffff_ffff;
+/// Zero bits of an extended L2 bitmap (bit 32 + x = subcluster x).
+pub const ALL_ZERO: u64 = 0xffff_ffff << 32;
+
+/// What one allocation unit (a cluster, or a subcluster) of an [`Entry`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    /// The backing shows through.
+    Unallocated,
+    /// Reads as zeros.
+    Zero,
+    /// Data in the host cluster.
+    Data,
+    /// Part of a compressed cluster (which has no subclusters).
+    Compressed,
+}
+
+/// A whole L2 entry: the descriptor and, with extended L2 entries, the
+/// subcluster bitmap (0 in standard images).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub l2: L2Entry,
+    pub bitmap: u64,
+    /// The image has extended L2 entries.
+    pub ext: bool,
+}
+
+impl Entry {
+    pub const fn unallocated(ext: bool) -> Entry {
+        Entry {
+            l2: L2Entry::Unallocated,
+            bitmap: 0,
+            ext,
+        }
+    }
+
+    /// Decodes an entry: `bitmap` is ignored unless `ext`. A bitmap that
+    /// contradicts its descriptor (allocated subclusters without a host
+    /// cluster, a subcluster both allocated and zero) is an error message.
+    pub fn decode(raw: u64, bitmap: u64, cluster_bits: u32, ext: bool) -> Result<Entry, String> {
+        if !ext {
+            return Ok(Entry {
+                l2: L2Entry::decode(raw, cluster_bits),
+                bitmap: 0,
+                ext,
+            });
+        }
+        // As qemu: bit 0 (the all-zeros flag) has no meaning with subclusters.
+        let l2 = L2Entry::decode(
+            if raw & COMPRESSED != 0 {
+                raw
+            } else {
+                raw & !ZERO
+            },
+            cluster_bits,
+        );
+        match l2 {
+            // Compressed clusters have no subclusters; qemu ignores the
+            // bitmap when reading them (check reports it).
+            L2Entry::Compressed { .. } => {}
+            L2Entry::Unallocated if bitmap & ALL_ALLOC != 0 => {
+                return Err(format!(
+                    "extended L2 entry {raw:#x} has no host cluster but allocated subclusters \
+                     (bitmap {bitmap:#018x})"
+                ));
+            }
+            L2Entry::Normal { .. } if (bitmap >> 32) & bitmap & ALL_ALLOC != 0 => {
+                return Err(format!(
+                    "extended L2 entry {raw:#x} has subclusters both allocated and zero \
+                     (bitmap {bitmap:#018x})"
+                ));
+            }
+            _ => {}
+        }
+        Ok(Entry { l2, bitmap, ext })
+    }
+
+    /// The raw descriptor and bitmap.
+    pub fn encode(self) -> (u64, u64) {
+        (self.l2.encode(), if self.ext { self.bitmap } else { 0 })
+    }
+
+    /// Allocation units per cluster.
+    pub fn units(self) -> u32 {
+        if self.ext { SUBCLUSTERS } else { 1 }
+    }
+
+    /// The host cluster this entry's data lives in (not for compressed).
+    pub fn host(self) -> Option<u64> {
+        match self.l2 {
+            L2Entry::Normal { host, .. }
+            | L2Entry::Zero {
+                host: Some(host), ..
+            } => Some(host),
+            _ => None,
+        }
+    }
+
+    /// What unit `i` (`< units()`) is.
+    pub fn unit(self, i: u32) -> Unit {
+        match self.l2 {
+            L2Entry::Compressed { .. } => Unit::Compressed,
+            _ if self.ext => {
+                if self.bitmap & (1 << i) != 0 {
+                    Unit::Data
+                } else if self.bitmap & (1 << (32 + i)) != 0 {
+                    Unit::Zero
+                } else {
+                    Unit::Unallocated
+                }
+            }
+            L2Entry::Unallocated => Unit::Unallocated,
+            L2Entry::Zero { .. } => Unit::Zero,
+            L2Entry::Normal { .. } => Unit::Data,
+        }
+    }
+
+    /// Whether any unit is allocated in this layer.
+    pub fn is_allocated(self) -> bool {
+        (0..self.units()).any(|i| self.unit(i) != Unit::Unallocated)
+    }
+
+    /// Units allocated in this layer (data, zero or compressed).
+    pub fn allocated_units(self) -> u32 {
+        match self.l2 {
+            L2Entry::Compressed { .. } => self.units(),
+            _ if self.ext => ((self.bitmap | (self.bitmap >> 32)) & ALL_ALLOC).count_ones(),
+            other => u32::from(other.is_allocated()),
+        }
+    }
+}
+
+/// The bitmap mask of subclusters `first..first + count`.
+pub fn unit_mask(first: u32, count: u32) -> u64 {
+    if count >= 32 {
+        ALL_ALLOC
+    } else {
+        ((1u64 << count) - 1) << first
+    }
+}
+
 /// The L2 table offset of an L1 entry, or `None` when unallocated.
 pub fn l1_table(raw: u64) -> Option<u64> {
     let off = raw & OFFSET_MASK;
@@ -184,6 +332,45 @@ mod tests {
             L2Entry::decode(raw, 16).host_clusters(65536),
             Some((0x1_0000, 2))
         );
+    }
+
+    #[test]
+    fn extended_entries_give_each_subcluster_its_state() {
+        let host = COPIED | 0x5_0000;
+        // Subcluster 0 data, 1 zero, 2 unallocated.
+        let e = Entry::decode(host, 0b1 | (0b10 << 32), 16, true).unwrap();
+        assert_eq!(e.unit(0), Unit::Data);
+        assert_eq!(e.unit(1), Unit::Zero);
+        assert_eq!(e.unit(2), Unit::Unallocated);
+        assert_eq!(e.host(), Some(0x5_0000));
+        assert_eq!(e.allocated_units(), 2);
+        assert_eq!(e.encode(), (host, 0b1 | (0b10 << 32)));
+        // Zero subclusters without a host cluster.
+        let e = Entry::decode(0, ALL_ZERO, 16, true).unwrap();
+        assert_eq!(e.unit(31), Unit::Zero);
+        assert_eq!(e.host(), None);
+        // Bit 0 means nothing with subclusters (as in qemu).
+        let e = Entry::decode(host | ZERO, 1, 16, true).unwrap();
+        assert_eq!(e.unit(0), Unit::Data);
+        // Compressed clusters: one unit kind whatever the bitmap says.
+        let e = Entry::decode(COMPRESSED | 0x1_0200, 0, 16, true).unwrap();
+        assert_eq!(e.unit(5), Unit::Compressed);
+        assert_eq!(e.allocated_units(), 32);
+    }
+
+    #[test]
+    fn extended_entries_reject_contradicting_bitmaps() {
+        let err = Entry::decode(0, 1 << 3, 16, true).unwrap_err();
+        assert!(err.contains("no host cluster"), "{err}");
+        let err = Entry::decode(0x5_0000, (1 << 3) | (1 << 35), 16, true).unwrap_err();
+        assert!(err.contains("both allocated and zero"), "{err}");
+    }
+
+    #[test]
+    fn unit_masks() {
+        assert_eq!(unit_mask(0, 32), ALL_ALLOC);
+        assert_eq!(unit_mask(2, 3), 0b11100);
+        assert_eq!(unit_mask(31, 1), 1 << 31);
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub const V3_HEADER_LEN: u32 = 112;
 /// Smallest and largest cluster_bits (512 B .. 2 MiB), same limits as qemu.
 pub const MIN_CLUSTER_BITS: u32 = 9;
 pub const MAX_CLUSTER_BITS: u32 = 21;
+/// Extended L2 entries need clusters of 16 KiB or more (qcow2.rst: 32
+/// subclusters of at least 512 bytes).
+pub const MIN_CLUSTER_BITS_EXTL2: u32 = 14;
 /// Same limit as qemu (QCOW_MAX_L1_SIZE): 32 MiB of L1 table.
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 /// Same limit as qemu (QCOW_MAX_REFTABLE_SIZE): 8 MiB of refcount table.
@@ -139,8 +142,19 @@ impl Header {
 
     /// L1 entries needed for `size` bytes with `cluster_bits`.
     pub fn l1_entries_for(size: u64, cluster_bits: u32) -> u64 {
-        let per_l2 = 1u64 << (cluster_bits * 2 - 3);
+        Self::l1_entries_ext(size, cluster_bits, false)
+    }
+
+    /// L1 entries needed for `size` bytes with `cluster_bits`, with
+    /// extended (16-byte) L2 entries when `extended_l2`.
+    pub fn l1_entries_ext(size: u64, cluster_bits: u32, extended_l2: bool) -> u64 {
+        let per_l2 = 1u64 << (cluster_bits * 2 - 3 - u32::from(extended_l2));
         size.div_ceil(per_l2)
+    }
+
+    /// The image has extended L2 entries (subclusters).
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible_features & INCOMPAT_EXTL2 != 0
     }
 
     /// The fixed fields only: how many bytes [`Header::decode`] needs to see
@@ -246,7 +260,17 @@ impl Header {
         if size > (1u64 << 62) {
             return Err(invalid(path, format!("size {size} is above 2^62")));
         }
-        let l1_needed = Self::l1_entries_for(size, cluster_bits);
+        let extended_l2 = h.incompatible_features & INCOMPAT_EXTL2 != 0;
+        if extended_l2 && cluster_bits < MIN_CLUSTER_BITS_EXTL2 {
+            return Err(invalid(
+                path,
+                format!(
+                    "extended L2 entries need cluster_bits of at least \
+                     {MIN_CLUSTER_BITS_EXTL2}, not {cluster_bits}"
+                ),
+            ));
+        }
+        let l1_needed = Self::l1_entries_ext(size, cluster_bits, extended_l2);
         if u64::from(l1_size) * 8 > MAX_L1_BYTES {
             return Err(invalid(
                 path,
@@ -578,6 +602,32 @@ mod tests {
         let mut b = encoded();
         b[20..24].copy_from_slice(&8u32.to_be_bytes());
         expect_invalid(&b, "cluster_bits 8");
+    }
+
+    #[test]
+    fn header_rejects_extended_l2_with_clusters_below_16k() {
+        let mut h = sample();
+        h.incompatible_features |= INCOMPAT_EXTL2;
+        h.cluster_bits = 13;
+        h.l1_size = 1 << 10;
+        expect_invalid(
+            &h.encode(p()).unwrap(),
+            "extended L2 entries need cluster_bits",
+        );
+    }
+
+    #[test]
+    fn header_needs_twice_the_l1_with_extended_l2() {
+        // 1 GiB with 64 KiB clusters: 2 L1 entries standard, 4 extended.
+        let mut h = sample();
+        h.incompatible_features |= INCOMPAT_EXTL2;
+        expect_invalid(&h.encode(p()).unwrap(), "l1_size 2 is too small");
+        h.l1_size = 4;
+        assert!(
+            Header::decode(&h.encode(p()).unwrap(), p())
+                .unwrap()
+                .extended_l2()
+        );
     }
 
     #[test]

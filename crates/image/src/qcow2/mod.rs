@@ -11,6 +11,13 @@
 //! sync, L1 table, sync. Clusters freed by a request are only queued, and
 //! their refcounts drop after the L2 change that released them is durable,
 //! so a cluster is never reused while an on-disk L2 entry still points at it.
+//!
+//! With extended L2 entries (subclusters) the allocation unit is a
+//! subcluster (cluster / 32): `entry::Entry` says what each unit is, a write
+//! into an unallocated cluster gives it a host cluster but writes only the
+//! subclusters it touches, and because the layer above then serialises
+//! requests per subcluster only, a write that allocates a cluster claims it
+//! (`Meta::allocating`) until its L2 update is in place.
 
 pub(crate) mod cache;
 mod check;
@@ -21,14 +28,16 @@ mod refcount;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use crate::format::{BackingSpec, CheckReport, CowFill, Format, MappedRange, Mapping, Repair};
 use crate::storage::Storage;
 use crate::{Error, Result};
 
 use cache::TableCache;
-use entry::{COPIED, L2Entry, get_be64, l1_table, put_be64};
+use entry::{
+    ALL_ALLOC, ALL_ZERO, COPIED, Entry, L2Entry, Unit, get_be64, l1_table, put_be64, unit_mask,
+};
 use header::Header;
 
 pub use header::MAGIC;
@@ -52,6 +61,9 @@ pub struct CreateOptions {
     /// 512 B to 2 MiB, a power of two; `None` for 64 KiB.
     pub cluster_size: Option<u64>,
     pub backing: Option<BackingSpec>,
+    /// Extended L2 entries (32 subclusters per cluster; clusters of at
+    /// least 16 KiB), as `qemu-img create -o extended_l2=on`.
+    pub extended_l2: bool,
 }
 
 /// The metadata of an open image; see the module comment for the locking
@@ -62,6 +74,8 @@ pub(crate) struct Meta {
     path: PathBuf,
     writable: bool,
     cluster_bits: u32,
+    /// Extended L2 entries: 16-byte entries with subcluster bitmaps.
+    ext: bool,
     h: Header,
     l1: Vec<u64>,
     /// Indices of L1 clusters changed in memory only.
@@ -85,6 +99,11 @@ pub(crate) struct Meta {
     /// I/O; queued frees are applied under it exclusively, so a cluster is
     /// never handed to a new owner while a read of its old content runs.
     gate: Arc<RwLock<()>>,
+    /// Guest clusters a write is giving a new host cluster right now (with
+    /// subclusters, writes to different subclusters of one cluster are not
+    /// serialised above: the second one waits here instead of allocating
+    /// the cluster a second time).
+    allocating: BTreeSet<u64>,
 }
 
 /// An open qcow2 image.
@@ -94,22 +113,28 @@ pub struct Qcow2 {
     path: PathBuf,
     writable: bool,
     cluster_bits: u32,
+    /// Extended L2 entries (subclusters).
+    ext: bool,
     size: u64,
     version: u32,
     compression_type: u8,
     meta: Mutex<Meta>,
+    /// Signalled when a write leaves `Meta::allocating`.
+    alloc_done: Condvar,
     gate: Arc<RwLock<()>>,
     closed: AtomicBool,
 }
 
 /// What a write does with one guest cluster.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Source {
     /// Allocated, refcount one: write in place.
     InPlace,
-    /// Needs a whole new cluster whose untouched bytes come from the entry
-    /// it replaces.
-    Replace(L2Entry),
+    /// Needs a new host cluster; what the write does not cover keeps the
+    /// content of the entry it replaces (with subclusters, only the units
+    /// the write touches are written when the old entry had no host
+    /// cluster).
+    Replace,
     /// A zero cluster that keeps its own host cluster: rewritten whole.
     ReuseZero,
 }
@@ -119,6 +144,8 @@ struct Plan {
     cluster: u64,
     host: u64,
     source: Source,
+    /// The entry as the write found it.
+    old: Entry,
 }
 
 impl Meta {
@@ -166,7 +193,12 @@ impl Meta {
     }
 
     fn l2_per_table_bits(&self) -> u32 {
-        self.cluster_bits - 3
+        self.cluster_bits - 3 - u32::from(self.ext)
+    }
+
+    /// 64-bit words per L2 entry.
+    fn entry_words(&self) -> usize {
+        if self.ext { 2 } else { 1 }
     }
 
     /// The L2 table of L1 index `i`, loaded into the cache.
@@ -209,23 +241,22 @@ impl Meta {
     }
 
     /// The L2 entry of guest cluster `c`.
-    fn lookup(&mut self, c: u64) -> Result<L2Entry> {
+    fn lookup(&mut self, c: u64) -> Result<Entry> {
         let bits = self.l2_per_table_bits();
         let Some(t) = self.l2_table((c >> bits) as usize)? else {
-            return Ok(L2Entry::Unallocated);
+            return Ok(Entry::unallocated(self.ext));
         };
-        let raw = get_be64(
-            self.l2.get(t).expect("loaded"),
-            (c & ((1 << bits) - 1)) as usize,
-        );
-        let e = L2Entry::decode(raw, self.cluster_bits);
+        let words = self.entry_words();
+        let at = (c & ((1 << bits) - 1)) as usize * words;
+        let table = self.l2.get(t).expect("loaded");
+        let raw = get_be64(table, at);
+        let bitmap = if self.ext { get_be64(table, at + 1) } else { 0 };
+        let e = Entry::decode(raw, bitmap, self.cluster_bits, self.ext)
+            .map_err(|msg| self.corrupt(format!("guest cluster {c}: {msg}")))?;
         // Same rule as qemu ("Cluster allocation offset ... unaligned"): a
         // standard cluster's host offset is cluster aligned, or the
         // metadata is corrupt; never read or write at a skewed offset.
-        if let L2Entry::Normal { host, .. }
-        | L2Entry::Zero {
-            host: Some(host), ..
-        } = e
+        if let Some(host) = e.host()
             && host & (self.cluster_size() - 1) != 0
         {
             return Err(self.corrupt(format!(
@@ -246,8 +277,9 @@ impl Meta {
         }
     }
 
-    /// Sets the raw L2 entry of guest cluster `c`, creating its L2 table.
-    fn set_l2(&mut self, c: u64, raw: u64) -> Result<()> {
+    /// Sets the L2 entry of guest cluster `c`, creating its L2 table.
+    fn set_l2(&mut self, c: u64, e: Entry) -> Result<()> {
+        let (raw, bitmap) = e.encode();
         let bits = self.l2_per_table_bits();
         let i = (c >> bits) as usize;
         if i >= self.l1.len() {
@@ -267,7 +299,7 @@ impl Meta {
                 }
                 t
             }
-            None if raw == 0 => return Ok(()),
+            None if raw == 0 && bitmap == 0 => return Ok(()),
             None => {
                 let t = self.alloc_clusters(1)?;
                 if self.l2.full_of_dirty() {
@@ -280,11 +312,13 @@ impl Meta {
                 t
             }
         };
-        put_be64(
-            self.l2.get_mut(t).expect("loaded"),
-            (c & ((1 << bits) - 1)) as usize,
-            raw,
-        );
+        let words = self.entry_words();
+        let at = (c & ((1 << bits) - 1)) as usize * words;
+        let table = self.l2.get_mut(t).expect("loaded");
+        put_be64(table, at, raw);
+        if words == 2 {
+            put_be64(table, at + 1, bitmap);
+        }
         Ok(())
     }
 
@@ -438,7 +472,6 @@ impl Qcow2 {
             ));
         }
         for (bit, always) in [
-            (header::INCOMPAT_EXTL2, true),
             (header::INCOMPAT_DATA_FILE, true),
             (header::INCOMPAT_COMPRESSION, false),
         ] {
@@ -530,6 +563,7 @@ impl Qcow2 {
             path: path.clone(),
             writable,
             cluster_bits,
+            ext: h.extended_l2(),
             h: h.clone(),
             l1,
             l1_dirty: BTreeSet::new(),
@@ -541,16 +575,19 @@ impl Qcow2 {
             pending_frees: Vec::new(),
             rc_critical: 0,
             gate: Arc::clone(&gate),
+            allocating: BTreeSet::new(),
         };
         let q = Qcow2 {
             storage,
             path,
             writable,
             cluster_bits,
+            ext: h.extended_l2(),
             size: h.size,
             version: h.version,
             compression_type: h.compression_type,
             meta: Mutex::new(meta),
+            alloc_done: Condvar::new(),
             gate,
             closed: AtomicBool::new(false),
         };
@@ -604,10 +641,117 @@ impl Qcow2 {
         crate::device::check_range(self.size, offset, len)
     }
 
+    /// Phase 1 of a write of guest clusters `first..=last`: looks them up
+    /// and allocates contiguous runs for those that need a new host cluster.
+    /// With subclusters, those clusters are claimed in `Meta::allocating`
+    /// (the caller releases them), after waiting for other writes that
+    /// claimed any of them.
+    fn plan_write(&self, first: u64, last: u64) -> Result<Vec<Plan>> {
+        let cs = self.cluster_size();
+        let mut m = self.lock();
+        while self.ext && m.allocating.range(first..=last).next().is_some() {
+            m = self.alloc_done.wait(m).unwrap_or_else(|e| e.into_inner());
+        }
+        let mut plan = Vec::with_capacity((last - first + 1) as usize);
+        for c in first..=last {
+            let e = m.lookup(c)?;
+            if let Some(host) = e.host() {
+                m.check_within_file(host, "data cluster")?;
+            }
+            let (host, source) = match e.l2 {
+                L2Entry::Normal { host, copied: true } => (host, Source::InPlace),
+                L2Entry::Zero {
+                    host: Some(host),
+                    copied: true,
+                } => (host, Source::ReuseZero),
+                _ => (0, Source::Replace),
+            };
+            plan.push(Plan {
+                cluster: c,
+                host,
+                source,
+                old: e,
+            });
+        }
+        let mut i = 0;
+        while i < plan.len() {
+            if plan[i].host != 0 {
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            while j < plan.len() && plan[j].host == 0 {
+                j += 1;
+            }
+            let base = match m.alloc_clusters((j - i) as u64) {
+                Ok(b) => b,
+                Err(e) => {
+                    release_new(&mut m, &plan[..i]);
+                    return Err(e);
+                }
+            };
+            for (k, p) in plan[i..j].iter_mut().enumerate() {
+                p.host = base + k as u64 * cs;
+            }
+            i = j;
+        }
+        if self.ext {
+            for p in plan.iter().filter(|p| p.source == Source::Replace) {
+                m.allocating.insert(p.cluster);
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Phases 2 and 3 of a write: the data without the lock, then the L2
+    /// entries pointing at it (written back later, after a sync of the data).
+    fn write_planned(
+        &self,
+        offset: u64,
+        data: &[u8],
+        plan: &[Plan],
+        fill: &[CowFill<'_>],
+    ) -> Result<()> {
+        if let Err(e) = self.write_data(offset, data, plan, fill) {
+            release_new(&mut self.lock(), plan);
+            return Err(e);
+        }
+        let end = offset + data.len() as u64;
+        let mut m = self.lock();
+        for p in plan {
+            if p.source == Source::InPlace && !self.ext {
+                continue;
+            }
+            let cur = m.lookup(p.cluster)?;
+            let touched = if self.ext {
+                self.touched_units(p.cluster, offset, end)
+            } else {
+                0
+            };
+            let new = self.written_entry(p, cur, touched);
+            if new != cur {
+                m.set_l2(p.cluster, new)?;
+            }
+            if p.source == Source::Replace {
+                m.free_later(cur.l2);
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes per allocation unit of entry `e` (a subcluster, or the whole
+    /// cluster for standard entries and compressed clusters).
+    fn unit_size(&self, e: Entry) -> u64 {
+        match e.l2 {
+            L2Entry::Compressed { .. } => self.cluster_size(),
+            _ => self.cluster_size() / u64::from(e.units()),
+        }
+    }
+
     /// The L2 entries of `[offset, offset + len)`, as runs of whole clusters
     /// `(first cluster, count, entry of the first)`; runs of unallocated
     /// clusters without an L2 table come back as one run.
-    fn entries(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, L2Entry)>> {
+    fn entries(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, Entry)>> {
         self.entries_locked(&mut self.lock(), offset, len)
     }
 
@@ -616,15 +760,15 @@ impl Qcow2 {
         m: &mut Meta,
         offset: u64,
         len: u64,
-    ) -> Result<Vec<(u64, u64, L2Entry)>> {
+    ) -> Result<Vec<(u64, u64, Entry)>> {
         let first = offset >> self.cluster_bits;
         let end = (offset + len).div_ceil(self.cluster_size());
-        let mut out: Vec<(u64, u64, L2Entry)> = Vec::new();
+        let mut out: Vec<(u64, u64, Entry)> = Vec::new();
         let mut c = first;
         while c < end {
             let skip = m.unmapped_span(c);
             let (n, e) = if skip > 0 {
-                (skip.min(end - c), L2Entry::Unallocated)
+                (skip.min(end - c), Entry::unallocated(self.ext))
             } else {
                 (1, m.lookup(c)?)
             };
@@ -635,50 +779,82 @@ impl Qcow2 {
     }
 
     /// The entries of `[offset, offset + len)` as merged mapped ranges.
-    fn ranges(&self, entries: &[(u64, u64, L2Entry)], offset: u64, len: u64) -> Vec<MappedRange> {
+    fn ranges(&self, entries: &[(u64, u64, Entry)], offset: u64, len: u64) -> Vec<MappedRange> {
+        let mut out: Vec<MappedRange> = Vec::new();
+        for (r, _) in self.ranges_with_holes(entries, offset, len) {
+            match out.last_mut() {
+                Some(last) if last.mapping == Mapping::Unallocated && r.mapping == last.mapping => {
+                    last.length += r.length
+                }
+                _ => out.push(r),
+            }
+        }
+        out
+    }
+
+    /// [`Qcow2::ranges`], where each unallocated range also says where it
+    /// sits in the file when its cluster is allocated (an unallocated
+    /// subcluster), as qemu-img map reports it; such ranges are merged only
+    /// when their host offsets are contiguous.
+    fn ranges_with_holes(
+        &self,
+        entries: &[(u64, u64, Entry)],
+        offset: u64,
+        len: u64,
+    ) -> Vec<(MappedRange, Option<u64>)> {
         let cs = self.cluster_size();
         let end = offset + len;
-        let mut out: Vec<MappedRange> = Vec::new();
+        let mut out: Vec<(MappedRange, Option<u64>)> = Vec::new();
         for &(c, n, e) in entries {
-            let start = (c * cs).max(offset);
+            let cstart = c * cs;
+            let u = if n > 1 { n * cs } else { self.unit_size(e) };
+            let mut pos = cstart.max(offset);
             let stop = ((c + n) * cs).min(end);
-            let within = start - c * cs;
-            let mapping = match e {
-                L2Entry::Unallocated => Mapping::Unallocated,
-                L2Entry::Zero { host, .. } => Mapping::Zero {
-                    host_offset: host.map(|h| h + within),
-                },
-                L2Entry::Normal { host, .. } => Mapping::Data {
-                    host_offset: host + within,
-                },
-                L2Entry::Compressed { .. } => Mapping::Compressed,
-            };
-            let r = MappedRange {
-                offset: start,
-                length: stop - start,
-                mapping,
-            };
-            if let Some(last) = out.last_mut() {
-                let contiguous = match (last.mapping, r.mapping) {
-                    (Mapping::Data { host_offset: a }, Mapping::Data { host_offset: b }) => {
-                        a + last.length == b
-                    }
-                    (
+            while pos < stop {
+                let i = ((pos - cstart) / u) as u32;
+                let next = (cstart + (u64::from(i) + 1) * u).min(stop);
+                let within = pos - cstart;
+                let (mapping, hole) = match e.unit(i) {
+                    Unit::Unallocated => (Mapping::Unallocated, e.host().map(|h| h + within)),
+                    Unit::Zero => (
                         Mapping::Zero {
-                            host_offset: Some(a),
+                            host_offset: e.host().map(|h| h + within),
                         },
-                        Mapping::Zero {
-                            host_offset: Some(b),
+                        None,
+                    ),
+                    Unit::Data => (
+                        Mapping::Data {
+                            host_offset: e.host().expect("data has a host") + within,
                         },
-                    ) => a + last.length == b,
-                    (x, y) => x == y,
+                        None,
+                    ),
+                    Unit::Compressed => (Mapping::Compressed, None),
                 };
-                if contiguous {
-                    last.length += r.length;
-                    continue;
+                let r = MappedRange {
+                    offset: pos,
+                    length: next - pos,
+                    mapping,
+                };
+                pos = next;
+                if let Some((last, last_hole)) = out.last_mut() {
+                    let at = |o: Option<u64>| o.map(|a| a + last.length);
+                    let contiguous = match (last.mapping, r.mapping) {
+                        (Mapping::Data { host_offset: a }, Mapping::Data { host_offset: b }) => {
+                            a + last.length == b
+                        }
+                        (Mapping::Zero { host_offset: a }, Mapping::Zero { host_offset: b }) => {
+                            at(a) == b
+                        }
+                        (Mapping::Unallocated, Mapping::Unallocated) => at(*last_hole) == hole,
+                        (x, y) => x == y,
+                    };
+                    if contiguous {
+                        last.length += r.length;
+                        continue;
+                    }
                 }
+                out.push((r, hole));
             }
-            out.push(r);
         }
         out
     }
@@ -714,25 +890,98 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// The whole content of guest cluster `c` before a write replaces it.
-    fn old_content(&self, c: u64, old: L2Entry, fill: &[CowFill<'_>]) -> Result<Vec<u8>> {
+    /// What guest bytes `[from, from + dst.len())` of cluster `c` read as
+    /// before a write changes them, unit by unit from the entry `old`: data
+    /// from its host cluster, zeros, or, for unallocated units, the
+    /// copy-on-write fill from below (zeros without one).
+    fn old_bytes(
+        &self,
+        c: u64,
+        old: Entry,
+        from: u64,
+        dst: &mut [u8],
+        fill: &[CowFill<'_>],
+    ) -> Result<()> {
         let cs = self.cluster_size();
-        let mut buf = vec![0u8; cs as usize];
-        match old {
-            L2Entry::Unallocated => {
-                if let Some(f) = fill.iter().find(|f| f.offset == c * cs) {
-                    let n = f.data.len().min(cs as usize);
-                    buf[..n].copy_from_slice(&f.data[..n]);
-                }
-            }
-            L2Entry::Zero { .. } => {}
-            L2Entry::Normal { host, .. } => self
-                .storage
-                .read_at(&mut buf, host)
-                .map_err(|e| self.io("read cluster", e))?,
-            L2Entry::Compressed { .. } => self.read_compressed(old, &mut buf)?,
+        let cstart = c * cs;
+        if let L2Entry::Compressed { .. } = old.l2 {
+            let mut buf = vec![0u8; cs as usize];
+            self.read_compressed(old.l2, &mut buf)?;
+            let at = (from - cstart) as usize;
+            dst.copy_from_slice(&buf[at..at + dst.len()]);
+            return Ok(());
         }
-        Ok(buf)
+        let u = self.unit_size(old);
+        let end = from + dst.len() as u64;
+        let mut pos = from;
+        while pos < end {
+            let i = ((pos - cstart) / u) as u32;
+            let ustart = cstart + u64::from(i) * u;
+            let n = (ustart + u).min(end) - pos;
+            let d = &mut dst[(pos - from) as usize..(pos - from + n) as usize];
+            match old.unit(i) {
+                Unit::Data => {
+                    let host = old.host().expect("data has a host") + (pos - cstart);
+                    self.storage
+                        .read_at(d, host)
+                        .map_err(|e| self.io("read cluster", e))?;
+                }
+                Unit::Unallocated => {
+                    d.fill(0);
+                    if let Some(f) = fill.iter().find(|f| f.offset == ustart) {
+                        let skip = (pos - ustart) as usize;
+                        let avail = f.data.len().saturating_sub(skip).min(d.len());
+                        d[..avail].copy_from_slice(&f.data[skip..skip + avail]);
+                    }
+                }
+                Unit::Zero | Unit::Compressed => d.fill(0),
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Whether a write replaces plan `p`'s whole cluster (its untouched
+    /// bytes copied from the old entry) rather than only the units it
+    /// touches.
+    fn writes_whole(&self, p: &Plan) -> bool {
+        match p.source {
+            Source::InPlace => false,
+            Source::ReuseZero => true,
+            Source::Replace => {
+                !self.ext || p.old.host().is_some() || p.old.unit(0) == Unit::Compressed
+            }
+        }
+    }
+
+    /// The guest range of plan `p`'s cluster that a write of
+    /// `[g_start, g_end)` (clipped to the cluster) puts on disk: the whole
+    /// cluster, or the write widened to whole units where a partly covered
+    /// unit does not already hold data in place.
+    fn write_span(&self, p: &Plan, g_start: u64, g_end: u64) -> (u64, u64) {
+        let cs = self.cluster_size();
+        let cstart = p.cluster * cs;
+        if self.writes_whole(p) {
+            return (cstart, cstart + cs);
+        }
+        if !self.ext {
+            return (g_start, g_end);
+        }
+        let u = self.unit_size(p.old);
+        let in_place = |at: u64| {
+            p.source == Source::InPlace && p.old.unit(((at - cstart) / u) as u32) == Unit::Data
+        };
+        let ws = if (g_start - cstart) % u != 0 && !in_place(g_start) {
+            g_start - (g_start - cstart) % u
+        } else {
+            g_start
+        };
+        let we = if (g_end - cstart) % u != 0 && !in_place(g_end - 1) {
+            (g_end - cstart).next_multiple_of(u) + cstart
+        } else {
+            g_end
+        };
+        (ws, we)
     }
 
     /// Phase 2 of a write: the data, without the metadata lock.
@@ -754,13 +1003,8 @@ impl Qcow2 {
             let (a, b) = (&plan[i], &plan[j - 1]);
             let g_start = offset.max(a.cluster * cs);
             let g_end = end.min((b.cluster + 1) * cs);
-            let whole = |p: &Plan| !matches!(p.source, Source::InPlace);
-            let w_start = if whole(a) { a.cluster * cs } else { g_start };
-            let w_end = if whole(b) {
-                (b.cluster + 1) * cs
-            } else {
-                g_end
-            };
+            let w_start = self.write_span(a, g_start, end.min((a.cluster + 1) * cs)).0;
+            let w_end = self.write_span(b, offset.max(b.cluster * cs), g_end).1;
             let host = a.host + (w_start - a.cluster * cs);
             let slice = &data[(g_start - offset) as usize..(g_end - offset) as usize];
             if w_start == g_start && w_end == g_end {
@@ -769,24 +1013,11 @@ impl Qcow2 {
                     .map_err(|e| self.io("write data", e))?;
             } else {
                 let mut buf = vec![0u8; (w_end - w_start) as usize];
-                for p in [a, b] {
-                    let (cs0, ce0) = (p.cluster * cs, (p.cluster + 1) * cs);
-                    let partial = g_start > cs0 || g_end < ce0;
-                    if whole(p) && partial {
-                        let old = match p.source {
-                            Source::Replace(e) => e,
-                            _ => L2Entry::Zero {
-                                host: None,
-                                copied: false,
-                            },
-                        };
-                        let content = self.old_content(p.cluster, old, fill)?;
-                        let at = (cs0 - w_start) as usize;
-                        buf[at..at + cs as usize].copy_from_slice(&content);
-                    }
-                }
-                let at = (g_start - w_start) as usize;
-                buf[at..at + slice.len()].copy_from_slice(slice);
+                let head = (g_start - w_start) as usize;
+                self.old_bytes(a.cluster, a.old, w_start, &mut buf[..head], fill)?;
+                let tail = (g_end - w_start) as usize;
+                self.old_bytes(b.cluster, b.old, g_end, &mut buf[tail..], fill)?;
+                buf[head..tail].copy_from_slice(slice);
                 self.storage
                     .write_at(&buf, host)
                     .map_err(|e| self.io("write data", e))?;
@@ -794,6 +1025,46 @@ impl Qcow2 {
             i = j;
         }
         Ok(())
+    }
+
+    /// The bitmap mask of the subclusters of cluster `c` that
+    /// `[offset, end)` touches.
+    fn touched_units(&self, c: u64, offset: u64, end: u64) -> u64 {
+        let cs = self.cluster_size();
+        let u = cs / u64::from(entry::SUBCLUSTERS);
+        let cstart = c * cs;
+        let a = offset.max(cstart) - cstart;
+        let b = end.min(cstart + cs) - cstart;
+        let first = (a / u) as u32;
+        let last = b.div_ceil(u) as u32;
+        unit_mask(first, last - first)
+    }
+
+    /// Phase 3 of a write: the entry of plan `p` once its data is written.
+    /// `cur` is the entry now (other subclusters may have changed since the
+    /// write looked); `touched` the subclusters written.
+    fn written_entry(&self, p: &Plan, cur: Entry, touched: u64) -> Entry {
+        let l2 = L2Entry::Normal {
+            host: p.host,
+            copied: true,
+        };
+        if !self.ext {
+            return Entry {
+                l2,
+                bitmap: 0,
+                ext: false,
+            };
+        }
+        let bitmap = if matches!(cur.l2, L2Entry::Compressed { .. }) {
+            ALL_ALLOC
+        } else {
+            (cur.bitmap | touched) & !(touched << 32)
+        };
+        Entry {
+            l2,
+            bitmap,
+            ext: true,
+        }
     }
 
     /// Writes zeros as data (v2 images, which have no zero clusters).
@@ -832,11 +1103,18 @@ impl Qcow2 {
                 c += skip;
                 continue;
             }
-            let old = m.lookup(c)?;
+            let old = m.lookup(c)?.l2;
             if let Some(new) = target(old)
                 && new != old
             {
-                m.set_l2(c, new.encode())?;
+                m.set_l2(
+                    c,
+                    Entry {
+                        l2: new,
+                        bitmap: 0,
+                        ext: false,
+                    },
+                )?;
                 let keeps = new.host_clusters(self.cluster_size());
                 if keeps.is_none() || keeps != old.host_clusters(self.cluster_size()) {
                     m.free_later(old);
@@ -845,6 +1123,94 @@ impl Qcow2 {
             c += 1;
         }
         Ok(())
+    }
+
+    /// Write-zeroes or discard of whole subclusters with extended L2
+    /// entries: the units covered become zero (`zero`) or unallocated. A
+    /// whole cluster of zeros gives its host cluster back unless `keep`
+    /// (write-zeroes without unmap); a partly covered cluster keeps it, as
+    /// in qemu. Without a backing, unallocated units stay unallocated
+    /// instead of becoming zero. Returns ranges of compressed clusters the
+    /// caller must zero by writing (compressed clusters have no subclusters).
+    fn retarget_units(
+        &self,
+        offset: u64,
+        len: u64,
+        zero: bool,
+        keep: bool,
+        has_backing: bool,
+    ) -> Result<Vec<(u64, u64)>> {
+        let cs = self.cluster_size();
+        let end = offset + len;
+        let first = offset >> self.cluster_bits;
+        let last = end.div_ceil(cs);
+        let mut rewrite = Vec::new();
+        let mut m = self.lock();
+        let mut c = first;
+        while c < last {
+            let skip = m.unmapped_span(c);
+            if skip > 0 && !(zero && has_backing) {
+                c += skip;
+                continue;
+            }
+            let touched = self.touched_units(c, offset, end);
+            let old = m.lookup(c)?;
+            let allocated = (old.bitmap | (old.bitmap >> 32)) & ALL_ALLOC;
+            let new = if let L2Entry::Compressed { .. } = old.l2 {
+                if touched != ALL_ALLOC {
+                    if zero {
+                        let a = offset.max(c * cs);
+                        rewrite.push((a, end.min((c + 1) * cs).min(self.size) - a));
+                    }
+                    c += 1;
+                    continue;
+                }
+                if zero {
+                    Entry {
+                        l2: L2Entry::Unallocated,
+                        bitmap: ALL_ZERO,
+                        ext: true,
+                    }
+                } else {
+                    Entry::unallocated(true)
+                }
+            } else if !zero {
+                // Units become unallocated (nothing below shows through).
+                if touched == ALL_ALLOC {
+                    Entry::unallocated(true)
+                } else {
+                    Entry {
+                        bitmap: old.bitmap & !touched & !(touched << 32),
+                        ..old
+                    }
+                }
+            } else {
+                let zeros = if has_backing {
+                    touched
+                } else {
+                    touched & allocated
+                };
+                let bitmap = (old.bitmap & !touched & !(touched << 32)) | (zeros << 32);
+                let copied_host = matches!(old.l2, L2Entry::Normal { copied: true, .. });
+                if touched == ALL_ALLOC && !(keep && copied_host) {
+                    Entry {
+                        l2: L2Entry::Unallocated,
+                        bitmap,
+                        ext: true,
+                    }
+                } else {
+                    Entry { bitmap, ..old }
+                }
+            };
+            if new != old {
+                m.set_l2(c, new)?;
+                if new.l2 != old.l2 {
+                    m.free_later(old.l2);
+                }
+            }
+            c += 1;
+        }
+        Ok(rewrite)
     }
 }
 
@@ -860,6 +1226,12 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
         )));
     }
     let cluster_bits = cs.trailing_zeros();
+    if opts.extended_l2 && cluster_bits < header::MIN_CLUSTER_BITS_EXTL2 {
+        return Err(Error::InvalidInput(format!(
+            "{}: extended L2 entries need a cluster size of at least 16384, not {cs}",
+            path.display()
+        )));
+    }
     // Whole 512-byte sectors, as qemu-img create rounds (qemu reads a size
     // that is not a sector multiple rounded down).
     let size = opts.size.min(u64::MAX - 511).next_multiple_of(512);
@@ -869,7 +1241,7 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
             path.display()
         )));
     }
-    let l1_entries = Header::l1_entries_for(size, cluster_bits);
+    let l1_entries = Header::l1_entries_ext(size, cluster_bits, opts.extended_l2);
     if l1_entries * 8 > header::MAX_L1_BYTES {
         return Err(Error::InvalidInput(format!(
             "{}: size {size} needs an L1 table above {} bytes with {cs}-byte clusters",
@@ -912,7 +1284,11 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
         refcount_table_clusters: rt_clusters as u32,
         nb_snapshots: 0,
         snapshots_offset: 0,
-        incompatible_features: 0,
+        incompatible_features: if opts.extended_l2 {
+            header::INCOMPAT_EXTL2
+        } else {
+            0
+        },
         compatible_features: 0,
         autoclear_features: 0,
         refcount_order: 4,
@@ -952,7 +1328,11 @@ impl Format for Qcow2 {
     }
 
     fn granularity(&self) -> u64 {
-        self.cluster_size()
+        if self.ext {
+            self.cluster_size() / u64::from(entry::SUBCLUSTERS)
+        } else {
+            self.cluster_size()
+        }
     }
 
     fn read_only(&self) -> bool {
@@ -974,6 +1354,11 @@ impl Format for Qcow2 {
     fn map(&self, offset: u64, len: u64) -> Result<Vec<MappedRange>> {
         self.check_range(offset, len)?;
         Ok(self.ranges(&self.entries(offset, len)?, offset, len))
+    }
+
+    fn map_holes(&self, offset: u64, len: u64) -> Result<Vec<(MappedRange, Option<u64>)>> {
+        self.check_range(offset, len)?;
+        Ok(self.ranges_with_holes(&self.entries(offset, len)?, offset, len))
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<Vec<(u64, u64)>> {
@@ -1031,7 +1416,7 @@ impl Format for Qcow2 {
                             .map(|(_, _, e)| *e)
                             .expect("entries cover the range");
                         cluster_buf.resize(cs as usize, 0);
-                        self.read_compressed(e, &mut cluster_buf)?;
+                        self.read_compressed(e.l2, &mut cluster_buf)?;
                         let from = (pos - c * cs) as usize;
                         let to = (pos - offset) as usize;
                         buf[to..to + n as usize]
@@ -1050,93 +1435,19 @@ impl Format for Qcow2 {
         if data.is_empty() {
             return Ok(());
         }
-        let cs = self.cluster_size();
         let first = offset >> self.cluster_bits;
         let last = (offset + data.len() as u64 - 1) >> self.cluster_bits;
-        // Phase 1: look up, and allocate contiguous runs for what needs it.
-        let plan = {
+        let plan = self.plan_write(first, last)?;
+        let r = self.write_planned(offset, data, &plan, fill);
+        if self.ext && plan.iter().any(|p| p.source == Source::Replace) {
             let mut m = self.lock();
-            let mut plan = Vec::with_capacity((last - first + 1) as usize);
-            for c in first..=last {
-                let e = m.lookup(c)?;
-                if let L2Entry::Normal { host, .. }
-                | L2Entry::Zero {
-                    host: Some(host), ..
-                } = e
-                {
-                    m.check_within_file(host, "data cluster")?;
-                }
-                let (host, source) = match e {
-                    L2Entry::Normal { host, copied: true } => (host, Source::InPlace),
-                    L2Entry::Zero {
-                        host: Some(host),
-                        copied: true,
-                    } => (host, Source::ReuseZero),
-                    other => (0, Source::Replace(other)),
-                };
-                plan.push(Plan {
-                    cluster: c,
-                    host,
-                    source,
-                });
+            for p in plan.iter().filter(|p| p.source == Source::Replace) {
+                m.allocating.remove(&p.cluster);
             }
-            let mut i = 0;
-            while i < plan.len() {
-                if plan[i].host != 0 {
-                    i += 1;
-                    continue;
-                }
-                let mut j = i;
-                while j < plan.len() && plan[j].host == 0 {
-                    j += 1;
-                }
-                let base = match m.alloc_clusters((j - i) as u64) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        release_new(&mut m, &plan[..i]);
-                        return Err(e);
-                    }
-                };
-                for (k, p) in plan[i..j].iter_mut().enumerate() {
-                    p.host = base + k as u64 * cs;
-                }
-                i = j;
-            }
-            plan
-        };
-        // Phase 2: the data, without the lock.
-        if let Err(e) = self.write_data(offset, data, &plan, fill) {
-            release_new(&mut self.lock(), &plan);
-            return Err(e);
+            drop(m);
+            self.alloc_done.notify_all();
         }
-        // Phase 3: point the L2 entries at the new data (written back later,
-        // after a sync of the data).
-        let mut m = self.lock();
-        for p in &plan {
-            match p.source {
-                Source::InPlace => {}
-                Source::ReuseZero => m.set_l2(
-                    p.cluster,
-                    L2Entry::Normal {
-                        host: p.host,
-                        copied: true,
-                    }
-                    .encode(),
-                )?,
-                Source::Replace(old) => {
-                    m.set_l2(
-                        p.cluster,
-                        L2Entry::Normal {
-                            host: p.host,
-                            copied: true,
-                        }
-                        .encode(),
-                    )?;
-                    m.free_later(old);
-                }
-            }
-        }
-        Ok(())
+        r
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool, has_backing: bool) -> Result<()> {
@@ -1147,6 +1458,13 @@ impl Format for Qcow2 {
                 return self.write_zero_data(offset, len);
             }
             return self.retarget(offset, len, |_| Some(L2Entry::Unallocated));
+        }
+        if self.ext {
+            let rewrite = self.retarget_units(offset, len, true, !unmap, has_backing)?;
+            for (o, n) in rewrite {
+                self.write(o, &vec![0u8; n as usize], &[])?;
+            }
+            return Ok(());
         }
         let plain = L2Entry::Zero {
             host: None,
@@ -1169,6 +1487,10 @@ impl Format for Qcow2 {
     fn discard(&self, offset: u64, len: u64, has_backing: bool) -> Result<()> {
         self.ensure_writable()?;
         self.check_range(offset, len)?;
+        if self.ext {
+            self.retarget_units(offset, len, has_backing, false, has_backing)?;
+            return Ok(());
+        }
         if has_backing {
             if self.version < 3 {
                 return Ok(());
@@ -1206,12 +1528,12 @@ impl Format for Qcow2 {
     }
 
     fn allocated_bytes(&self) -> Result<u64> {
-        let cs = self.cluster_size();
+        let entries = self.entries(0, self.size)?;
         Ok(self
-            .entries(0, self.size)?
+            .ranges(&entries, 0, self.size)
             .iter()
-            .filter(|(_, _, e)| e.is_allocated())
-            .map(|(c, n, _)| ((c + n) * cs).min(self.size) - c * cs)
+            .filter(|r| r.mapping != Mapping::Unallocated)
+            .map(|r| r.length)
             .sum())
     }
 
@@ -1273,7 +1595,7 @@ impl Format for Qcow2 {
 /// Gives back clusters a failed write allocated (no L2 entry points at them).
 fn release_new(m: &mut Meta, plan: &[Plan]) {
     for p in plan {
-        if matches!(p.source, Source::Replace(_)) && p.host != 0 {
+        if p.source == Source::Replace && p.host != 0 {
             let _ = m.change_refcount(p.host >> m.cluster_bits, false);
         }
     }

@@ -95,6 +95,7 @@ pub fn mem_qcow2_bytes(size: u64, cluster: u64, backing: Option<(&str, &str)>) -
                 name: n.into(),
                 format: Some(f.into()),
             }),
+            ..Default::default()
         },
     )
     .expect("qcow2::create");
@@ -172,6 +173,22 @@ pub fn with_deadline<F: std::future::Future>(
             panic!("{what}: did not finish in {limit:?} (hung or pathologically slow)");
         }
     }
+}
+
+/// [`qemu_qcow2_bytes`] with `qemu-img create -o` options of the caller's
+/// choosing (e.g. `cluster_size=65536,extended_l2=on`).
+pub fn qemu_qcow2_bytes_opts(size: u64, options: &str, backing: Option<(&str, &str)>) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("new.qcow2");
+    let mut args = vec!["create", "-q", "-f", "qcow2", "-o", options];
+    if let Some((n, f)) = backing {
+        args.extend(["-u", "-b", n, "-F", f]);
+    }
+    let size = size.to_string();
+    args.extend([p.to_str().unwrap(), size.as_str()]);
+    let (code, out) = qemu_img(&args);
+    assert_eq!(code, 0, "qemu-img {args:?}: {out}");
+    std::fs::read(&p).unwrap()
 }
 
 /// [`qemu_check`] for an image of format `fmt`.

@@ -1,0 +1,135 @@
+//! Where `deploy`, `migrate receive` and `demo` get their data: the one
+//! place that knows the kinds of source (a local image, an `nbd://` or
+//! `nbd+unix://` export), and the one place that parses `--policy`.
+//!
+//! The decision to know: a source is opened once, here, into a
+//! [`BlockDevice`], together with the backing name and format the overlay's
+//! header will record (the name QEMU can open: an absolute path for a local
+//! file, the URI itself for NBD). The overlay is then opened on that very
+//! device, so nothing connects twice and the header never names something
+//! other than what was read. HTTP(S) URLs and other schemes plug in here.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use image::open::{Opener, is_uri};
+use image::{BlockDevice, OpenOptions};
+use nbd::client::{ClientOptions, NbdClient, NbdOpener, Target};
+
+/// How a remote source behaves when it stops answering (DESIGN.md's
+/// outage policy).
+#[derive(Clone, Copy, Debug)]
+pub struct SourceOptions {
+    /// How long guest I/O to remote data waits for a lost source to come
+    /// back; `None` = forever (the sensible choice during a migration).
+    pub reconnect_window: Option<Duration>,
+}
+
+/// An opened source.
+#[derive(Debug)]
+pub struct Source {
+    /// The backing name for the overlay header.
+    pub name: String,
+    /// The backing format for the overlay header.
+    pub format: String,
+    pub device: Arc<dyn BlockDevice>,
+}
+
+/// The opener for URI backings below a local source (and for images that
+/// name a remote backing): NBD now; HTTP(S) joins it here.
+pub fn opener(opts: &SourceOptions) -> Arc<dyn Opener> {
+    Arc::new(NbdOpener {
+        options: client_options(opts),
+    })
+}
+
+fn client_options(opts: &SourceOptions) -> ClientOptions {
+    ClientOptions {
+        reconnect_window: opts.reconnect_window,
+        ..ClientOptions::default()
+    }
+}
+
+/// Opens `spec` read-only: a local image path (its format probed unless
+/// `format` names it, its own backing chain opened too) or an NBD URI
+/// (always raw).
+pub async fn open_source(spec: &str, format: Option<&str>, opts: &SourceOptions) -> Result<Source> {
+    if Target::is_nbd_uri(spec) {
+        if let Some(f) = format.filter(|f| *f != "raw") {
+            bail!("{spec}: an NBD export is a raw device; it cannot be read as {f}");
+        }
+        let client = NbdClient::connect_uri(spec, client_options(opts))
+            .await
+            .with_context(|| format!("{spec}: connect to the source"))?;
+        return Ok(Source {
+            name: spec.to_string(),
+            format: "raw".into(),
+            device: Arc::new(client),
+        });
+    }
+    if is_uri(spec) {
+        let scheme = spec.split("://").next().unwrap_or_default();
+        bail!(
+            "{spec}: '{scheme}' sources are not available in this build \
+             (sources: a local image, nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH)"
+        );
+    }
+    let path = Path::new(spec);
+    let canonical =
+        std::fs::canonicalize(path).with_context(|| format!("{spec}: the source image"))?;
+    let oopts = OpenOptions {
+        format: format.map(str::to_string),
+        // The source may be served to others at the same time (qemu-nbd,
+        // a running daemon): share it as a backing is shared.
+        force_share: true,
+        opener: Some(opener(opts)),
+        ..OpenOptions::default()
+    };
+    let img = image::open(&canonical, &oopts)
+        .await
+        .map_err(|e| super::file_error(path, e))?;
+    let format = img.format().format_name().to_string();
+    Ok(Source {
+        name: canonical.display().to_string(),
+        format,
+        device: img,
+    })
+}
+
+/// A stream policy (`--policy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// A fixed rate (`--speed`, 0 = unlimited): a token bucket.
+    Fixed,
+}
+
+/// Parses `--policy`: the one place policies are named.
+pub fn parse_policy(s: &str) -> Result<Policy, String> {
+    match s {
+        "fixed" => Ok(Policy::Fixed),
+        "idle" | "host-pressure" | "adaptive" => Err(format!(
+            "policy '{s}' is not available yet in this build; use --policy fixed [--speed RATE]"
+        )),
+        other => Err(format!(
+            "unknown policy '{other}' (policies: fixed, idle, host-pressure, adaptive)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_names_parse_or_say_why_not() {
+        assert_eq!(parse_policy("fixed"), Ok(Policy::Fixed));
+        assert!(
+            parse_policy("adaptive")
+                .unwrap_err()
+                .contains("not available")
+        );
+        assert!(parse_policy("fast").unwrap_err().contains("unknown policy"));
+    }
+}
