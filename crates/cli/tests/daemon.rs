@@ -846,3 +846,44 @@ fn nbd_server_with_tls_creds_serves_qemu_over_tls_only() {
     }
     d.terminate();
 }
+
+/// A QED overlay through the daemon: `blockdev-add` with driver qed, a pull
+/// to the end, and the image left streamed (no backing), checked clean and
+/// identical to its old chain by qemu-img.
+#[test]
+fn qed_overlay_pulls_to_the_end_through_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _) = make_chain(dir.path());
+    let b = base.to_str().unwrap();
+    let top = dir.path().join("top.qed");
+    let t = top.to_str().unwrap();
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qed", "-b", b, "-F", "qcow2", t],
+    );
+    let d = Daemon::start(dir.path());
+    let sock = d.sock();
+    let add = format!(
+        r#"{{"execute": "blockdev-add", "arguments": {{"driver": "qed", "node-name": "top", "file": {{"driver": "file", "filename": "{t}"}}}}}}"#
+    );
+    let out = ds(&["qmp", "--qmp", sock, &add]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ds(&["pull", "top", "--qmp", sock, "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let del = r#"{"execute": "blockdev-del", "arguments": {"node-name": "top"}}"#;
+    assert!(ds(&["qmp", "--qmp", sock, del]).status.success());
+    d.terminate();
+    run("qemu-img", &["compare", "-f", "qcow2", "-F", "qed", b, t]);
+    run("qemu-img", &["check", "-f", "qed", t]);
+    let info = run("qemu-img", &["info", "--output", "json", "-f", "qed", t]);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert!(v.get("backing-filename").is_none(), "backing left: {v}");
+}

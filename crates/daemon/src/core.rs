@@ -624,7 +624,7 @@ impl Core {
 
     async fn blockdev_add(&mut self, mut args: Args) -> Result<Value, QmpError> {
         let driver = args
-            .opt_enum("driver", &["file", "qcow2", "raw"])?
+            .opt_enum("driver", &["file", "qcow2", "qed", "raw"])?
             .ok_or_else(|| QmpError::generic("Parameter 'driver' is missing"))?;
         let node_name = args
             .opt_str("node-name")?
@@ -646,7 +646,11 @@ impl Core {
             });
             return Ok(json!({}));
         }
-        let driver: &'static str = if driver == "qcow2" { "qcow2" } else { "raw" };
+        let driver: &'static str = match driver.as_str() {
+            "qcow2" => "qcow2",
+            "qed" => "qed",
+            _ => "raw",
+        };
         // file: a node name or {"driver": "file", "filename": ...}.
         let mut file_node = None;
         let mut new_file_node = None;

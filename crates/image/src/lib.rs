@@ -1,7 +1,7 @@
 //! Block devices and on-disk image formats.
 //!
 //! Layers, bottom to top: [`storage`] (positional blocking file I/O, cache
-//! modes), format engines ([`raw`], [`qcow2`]) implementing
+//! modes), format engines ([`raw`], [`qcow2`], [`qed`]) implementing
 //! [`format::Format`], [`image::Image`] which stacks a format on its backing
 //! chain and implements [`device::BlockDevice`], and [`open`](mod@open), the one entry
 //! point that opens or creates any image. Nothing here knows the network:
@@ -16,6 +16,7 @@ pub mod iobuf;
 pub mod lock;
 pub mod open;
 pub mod qcow2;
+pub mod qed;
 pub mod rangelock;
 pub mod raw;
 pub mod stats;

@@ -19,7 +19,7 @@ use crate::device::BlockDevice;
 use crate::format::{BackingSpec, Format};
 use crate::image::Image;
 use crate::storage::{CacheMode, FileStorage, Storage};
-use crate::{Error, Result, lock, qcow2, raw};
+use crate::{Error, Result, lock, qcow2, qed, raw};
 
 /// Same bound as crosvm's `MAX_NESTING_DEPTH`; QEMU has none, but a chain this
 /// deep is a loop or an attack, not a deployment.
@@ -90,6 +90,7 @@ impl Default for OpenOptions {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FormatKind {
     Qcow2,
+    Qed,
     Raw,
 }
 
@@ -97,17 +98,25 @@ impl FormatKind {
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "qcow2" => Ok(FormatKind::Qcow2),
+            "qed" => Ok(FormatKind::Qed),
             "raw" => Ok(FormatKind::Raw),
             other => Err(Error::InvalidInput(format!(
-                "unknown image format '{other}' (known: qcow2, raw)"
+                "unknown image format '{other}' (known: qcow2, qed, raw)"
             ))),
         }
     }
     pub fn name(self) -> &'static str {
         match self {
             FormatKind::Qcow2 => "qcow2",
+            FormatKind::Qed => "qed",
             FormatKind::Raw => "raw",
         }
+    }
+
+    /// Whether the format keeps metadata in the file (QEMU then never lets
+    /// another process write or resize it).
+    pub fn has_metadata(self) -> bool {
+        self != FormatKind::Raw
     }
 }
 
@@ -119,6 +128,8 @@ pub fn probe(storage: &dyn Storage) -> Result<FormatKind> {
         .map_err(|e| Error::io(storage.path(), "read header", e))?;
     Ok(if magic == qcow2::MAGIC {
         FormatKind::Qcow2
+    } else if magic == qed::MAGIC {
+        FormatKind::Qed
     } else {
         FormatKind::Raw
     })
@@ -168,12 +179,7 @@ fn open_at_depth<'a>(
             (false, 0) => lock::Access::Read,
             (false, _) => lock::Access::Backing,
         };
-        lock::apply(
-            &*storage,
-            kind == FormatKind::Qcow2,
-            access,
-            opts.force_share,
-        )?;
+        lock::apply(&*storage, kind.has_metadata(), access, opts.force_share)?;
         // The backing chain is opened before the top image is opened
         // read-write: a read-write open may write (clear autoclear bits,
         // repair a dirty image), and an open that then fails on the chain
@@ -194,7 +200,7 @@ fn open_at_depth<'a>(
             BackingChoice::Device(d) => Some(Arc::clone(d)),
             BackingChoice::FromHeader => match first.backing() {
                 None => None,
-                Some(spec) => Some(open_backing(path, &spec, opts, depth, seen).await?),
+                Some(spec) => Some(open_backing(path, kind, &spec, opts, depth, seen).await?),
             },
         };
         let format = if opts.writable && from_header {
@@ -225,6 +231,13 @@ pub async fn open_format(
                 };
                 Arc::new(qcow2::Qcow2::open(storage, &o)?)
             }
+            FormatKind::Qed => {
+                let o = qed::QedOptions {
+                    writable,
+                    cache_bytes,
+                };
+                Arc::new(qed::Qed::open(storage, &o)?)
+            }
             FormatKind::Raw => Arc::new(raw::Raw::open(storage, writable)?),
         })
     });
@@ -253,6 +266,7 @@ pub fn is_uri(name: &str) -> bool {
 
 async fn open_backing(
     image: &Path,
+    kind: FormatKind,
     spec: &BackingSpec,
     opts: &OpenOptions,
     depth: u32,
@@ -272,12 +286,36 @@ async fn open_backing(
     if spec.name.starts_with("json:") {
         return Err(fail("json: backing names are not supported".into()));
     }
-    let Some(format) = spec.format.as_deref() else {
-        return Err(fail(
-            "the image does not record the backing format; diskstream never probes a backing \
-             (set it with: qemu-img rebase -u -b NAME -F FMT)"
-                .into(),
-        ));
+    let probed;
+    let format = match spec.format.as_deref() {
+        Some(f) => f,
+        // QED records no backing format, only "raw, never probe" (which
+        // `Qed::backing` reports as raw). Without that bit qemu probes; so
+        // do we, but only for the formats with a magic: a file that probes
+        // as raw is refused, so a raw backing can never pass itself off as
+        // an image with a backing of its own, nor be taken for one.
+        None if kind == FormatKind::Qed && !is_uri(&spec.name) => {
+            let bpath = resolve_backing_path(image, &spec.name);
+            probed = probe_backing(&bpath)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            if probed == FormatKind::Raw {
+                return Err(fail(
+                    "the QED image does not mark its backing as raw (QED_F_BACKING_FORMAT_NO_PROBE) \
+                     and the backing is neither qcow2 nor QED; diskstream never probes a raw \
+                     backing (set it with: qemu-img rebase -u -b NAME -F raw)"
+                        .into(),
+                ));
+            }
+            probed.name()
+        }
+        None => {
+            return Err(fail(
+                "the image does not record the backing format; diskstream never probes a \
+                 backing (set it with: qemu-img rebase -u -b NAME -F FMT)"
+                    .into(),
+            ));
+        }
     };
     let bopts = OpenOptions {
         writable: false,
@@ -305,14 +343,68 @@ async fn open_backing(
     }
 }
 
+/// The format a QED image's unnamed backing file has, from its magic.
+async fn probe_backing(path: &Path) -> Result<FormatKind> {
+    let p = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let st =
+            FileStorage::open(&p, false, CacheMode::Writeback).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::NotFound {
+                    path: p.clone(),
+                    message: "no such file".into(),
+                },
+                _ => Error::io(&p, "open", e),
+            })?;
+        probe(&st)
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?
+}
+
+/// QED records a backing format only as "raw, never probe"; any other is
+/// found again by probing on open. Refuse what could not be found again.
+async fn check_qed_backing_format(path: &Path, spec: &BackingSpec) -> Result<()> {
+    let format = match spec.format.as_deref() {
+        None => {
+            return Err(Error::InvalidInput(format!(
+                "{}: backing format must be given with -F",
+                path.display()
+            )));
+        }
+        Some("raw") => return Ok(()),
+        Some(f) => FormatKind::parse(f)?,
+    };
+    if is_uri(&spec.name) {
+        return Err(Error::InvalidInput(format!(
+            "{}: a QED image can only record a raw format for the backing {}",
+            path.display(),
+            spec.name
+        )));
+    }
+    let found = probe_backing(&resolve_backing_path(path, &spec.name)).await?;
+    if found != format {
+        return Err(Error::InvalidInput(format!(
+            "{}: backing {} is not a {} image (it probes as {}); QED records no backing \
+             format, so it must be found again by probing",
+            path.display(),
+            spec.name,
+            format.name(),
+            found.name()
+        )));
+    }
+    Ok(())
+}
+
 /// Options for [`create`].
 #[derive(Clone, Debug, Default)]
 pub struct CreateOptions {
     /// Virtual size; `None` takes the backing's size.
     pub size: Option<u64>,
     pub backing: Option<BackingSpec>,
-    /// qcow2 cluster size; `None` for the default (64 KiB).
+    /// Cluster size; `None` for the format's default (64 KiB for both).
     pub cluster_size: Option<u64>,
+    /// QED table size in clusters; `None` for the default (4).
+    pub table_size: Option<u32>,
     /// qcow2 extended L2 entries (subclusters).
     pub extended_l2: bool,
     pub cache: CacheMode,
@@ -357,6 +449,11 @@ pub async fn create(path: &Path, kind: FormatKind, opts: &CreateOptions) -> Resu
             )));
         }
     };
+    if kind == FormatKind::Qed
+        && let Some(spec) = &opts.backing
+    {
+        check_qed_backing_format(path, spec).await?;
+    }
     let (p, o) = (path.to_owned(), opts.clone());
     let result = tokio::task::spawn_blocking(move || -> Result<()> {
         let storage = FileStorage::create(&p, o.cache).map_err(|e| Error::io(&p, "create", e))?;
@@ -368,6 +465,15 @@ pub async fn create(path: &Path, kind: FormatKind, opts: &CreateOptions) -> Resu
                     cluster_size: o.cluster_size,
                     backing: o.backing.clone(),
                     extended_l2: o.extended_l2,
+                },
+            ),
+            FormatKind::Qed => qed::create(
+                &storage,
+                &qed::CreateOptions {
+                    size,
+                    cluster_size: o.cluster_size,
+                    table_size: o.table_size,
+                    backing: o.backing.clone(),
                 },
             ),
             FormatKind::Raw => raw::create(&storage, size),

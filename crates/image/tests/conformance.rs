@@ -247,14 +247,7 @@ async fn run_suite(f: Fixture) {
         info.layers,
         1 + u32::from(f.below.is_some()) + extra_layers(&f).await
     );
-    assert_eq!(
-        info.format,
-        if f.top == FormatKind::Raw {
-            "raw"
-        } else {
-            "qcow2"
-        }
-    );
+    assert_eq!(info.format, f.top.name());
     let units = size.div_ceil(g) as usize;
     let mut s = Suite {
         model: ContentModel::new(f.initial.clone()),
@@ -802,4 +795,224 @@ fn conformance_qcow2_xl2_2m_clusters_over_short_backing() {
             suite(f).await;
         },
     );
+}
+
+// ---- QED ------------------------------------------------------------------
+
+async fn qed_fixture(
+    name: &'static str,
+    size: u64,
+    cluster: u64,
+    table: u32,
+    backing: Option<(&str, &str)>,
+    dir: tempfile::TempDir,
+    initial: Vec<u8>,
+) -> Fixture {
+    let path = p(dir.path(), "top.qed");
+    create(
+        &path,
+        FormatKind::Qed,
+        &CreateOptions {
+            size: Some(size),
+            cluster_size: Some(cluster),
+            table_size: Some(table),
+            backing: backing.map(|(n, f)| BackingSpec {
+                name: n.into(),
+                format: Some(f.into()),
+            }),
+            ..CreateOptions::default()
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{name}: create: {e}"));
+    let img = open_rw(&path).await;
+    let below = img.backing();
+    Fixture {
+        name,
+        dev: img,
+        below,
+        initial,
+        top: FormatKind::Qed,
+        path,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn conformance_qed_4k_clusters() {
+    with_deadline(
+        "conformance_qed_4k_clusters",
+        SUITE_TIMEOUT,
+        case_qed_4k_clusters(),
+    );
+}
+
+async fn case_qed_4k_clusters() {
+    // Tables of 2 clusters map 4 MiB each: the image spans several.
+    let size = (9 << 20) + 3 * 512;
+    let f = qed_fixture(
+        "qed-4k",
+        size,
+        4096,
+        2,
+        None,
+        tempfile::tempdir().unwrap(),
+        vec![0; size as usize],
+    )
+    .await;
+    suite(f).await;
+}
+
+#[test]
+fn conformance_qed_64k_over_raw_backing() {
+    with_deadline(
+        "conformance_qed_64k_over_raw_backing",
+        SUITE_TIMEOUT,
+        case_qed_64k_over_raw_backing(),
+    );
+}
+
+async fn case_qed_64k_over_raw_backing() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4u64 << 20;
+    let content = patchy(&mut TestRng::new(21), size as usize);
+    raw_file(&p(dir.path(), "base.raw"), &content);
+    let f = qed_fixture(
+        "qed-over-raw",
+        size,
+        64 << 10,
+        4,
+        Some(("base.raw", "raw")),
+        dir,
+        content,
+    )
+    .await;
+    suite(f).await;
+}
+
+#[test]
+fn conformance_qed_over_qcow2_backing() {
+    with_deadline(
+        "conformance_qed_over_qcow2_backing",
+        SUITE_TIMEOUT,
+        case_qed_over_qcow2_backing(),
+    );
+}
+
+async fn case_qed_over_qcow2_backing() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4u64 << 20;
+    let content = patchy(&mut TestRng::new(22), size as usize);
+    let raw = p(dir.path(), "base-src.raw");
+    raw_file(&raw, &content);
+    let (code, out) = qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=16384",
+        raw.to_str().unwrap(),
+        p(dir.path(), "base.qcow2").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    // QED records no backing format: the qcow2 backing is found by probing.
+    let f = qed_fixture(
+        "qed-over-qcow2",
+        size,
+        8192,
+        4,
+        Some(("base.qcow2", "qcow2")),
+        dir,
+        content,
+    )
+    .await;
+    assert_eq!(f.dev.info().layers, 2);
+    suite(f).await;
+}
+
+#[test]
+fn conformance_qed_over_shorter_backing() {
+    with_deadline(
+        "conformance_qed_over_shorter_backing",
+        SUITE_TIMEOUT,
+        case_qed_over_shorter_backing(),
+    );
+}
+
+async fn case_qed_over_shorter_backing() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4u64 << 20;
+    let bsize = (2 << 20) + 3 * 512;
+    let mut content = patchy(&mut TestRng::new(23), bsize);
+    raw_file(&p(dir.path(), "short.raw"), &content);
+    content.resize(size as usize, 0);
+    let f = qed_fixture(
+        "qed-over-short",
+        size,
+        64 << 10,
+        2,
+        Some(("short.raw", "raw")),
+        dir,
+        content,
+    )
+    .await;
+    assert_eq!(f.below.as_ref().unwrap().size(), bsize as u64);
+    suite(f).await;
+}
+
+#[test]
+fn conformance_qcow2_over_qed_backing() {
+    with_deadline(
+        "conformance_qcow2_over_qed_backing",
+        SUITE_TIMEOUT,
+        case_qcow2_over_qed_backing(),
+    );
+}
+
+async fn case_qcow2_over_qed_backing() {
+    // QED in the middle of a chain: qcow2 -> qed (made by qemu-img) -> raw.
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4u64 << 20;
+    let content = patchy(&mut TestRng::new(24), size as usize);
+    let raw = p(dir.path(), "base.raw");
+    raw_file(&raw, &vec![0x5a; size as usize]);
+    let mid = p(dir.path(), "mid.qed");
+    let (code, out) = qemu_img(&[
+        "create",
+        "-f",
+        "qed",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        mid.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    // Overwrite the whole backing view with `content` through qemu-io.
+    let src = p(dir.path(), "content.raw");
+    raw_file(&src, &content);
+    let (code, out) = qemu_img(&[
+        "convert",
+        "-n",
+        "-f",
+        "raw",
+        "-O",
+        "qed",
+        src.to_str().unwrap(),
+        mid.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let f = qcow2_fixture(
+        "qcow2-over-qed",
+        size,
+        64 << 10,
+        Some(("mid.qed", "qed")),
+        dir,
+        content,
+    )
+    .await;
+    assert_eq!(f.dev.info().layers, 3);
+    suite(f).await;
 }

@@ -306,3 +306,137 @@ fn model_random_ops_on_qcow2_xl2_overlay() {
         );
     }
 }
+
+// ---- QED --------------------------------------------------------------------
+
+/// The same random batches on a QED overlay made by `qemu-img create -f qed`
+/// (random cluster and table sizes) over a raw backing (the "no probe" bit)
+/// or a qcow2 one (found by probing); `qemu-img check -f qed` and `compare`
+/// at the end.
+async fn run_seed_qed(seed: u64) {
+    let mut rng = TestRng::new(seed ^ 0x9ed);
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = *rng.pick(&[4096u64, 16384, 65536]);
+    let table = *rng.pick(&[2u64, 4, 16]);
+    let size: u64 = 8 << 20;
+    let bsize = if rng.chance(1, 3) { 6 << 20 } else { size };
+    let content = patchy(&mut rng, bsize as usize);
+    let braw = dir.path().join("base.raw");
+    std::fs::write(&braw, &content).unwrap();
+    let (bname, bfmt) = if rng.chance(1, 2) {
+        let b = dir.path().join("base.qcow2");
+        let (code, out) = qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            braw.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{out}");
+        ("base.qcow2", "qcow2")
+    } else {
+        ("base.raw", "raw")
+    };
+    let ctx = format!(
+        "qed seed {seed} (cluster {cluster}, table {table}, {bfmt} backing of {bsize} bytes)"
+    );
+    let top = dir.path().join("top.qed");
+    let (code, out) = qemu_img(&[
+        "create",
+        "-f",
+        "qed",
+        "-o",
+        &format!("cluster_size={cluster},table_size={table}"),
+        "-b",
+        bname,
+        "-F",
+        bfmt,
+        top.to_str().unwrap(),
+        &size.to_string(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let mut initial = content.clone();
+    initial.resize(size as usize, 0);
+    let mut model = ContentModel::new(initial);
+    let mut dev = open(&top, &writable()).await.unwrap();
+    let mut ops_run = 0;
+    for batch in 0..16 {
+        let n = rng.range(1, 9);
+        let mut ops: Vec<Op> = Vec::new();
+        while (ops.len() as u64) < n {
+            let op = random_op(&mut rng, size, cluster);
+            let (s, e) = op.range();
+            if ops.iter().all(|o| {
+                let (s2, e2) = o.range();
+                e <= s2 || e2 <= s
+            }) {
+                ops.push(op);
+            }
+        }
+        let tasks: Vec<_> = ops
+            .into_iter()
+            .map(|op| tokio::spawn(apply(dev.clone(), op)))
+            .collect();
+        for t in tasks {
+            let (op, r) = t.await.unwrap();
+            if let Err(e) = r {
+                panic!("{ctx}: batch {batch}: {op:?}: {e}");
+            }
+            match op {
+                Op::Write(o, d) => model.write(o, &d),
+                Op::Zero(o, l, _) => model.write_zeroes(o, l),
+                Op::Discard(o, l) => model.discard(o, l),
+            }
+            ops_run += 1;
+        }
+        check_against(&dev, &mut model, &format!("{ctx}, after batch {batch}")).await;
+        match rng.below(6) {
+            0 => dev.flush().await.unwrap(),
+            1 => {
+                dev.close().await.unwrap();
+                drop(dev);
+                dev = open(&top, &writable()).await.unwrap();
+                check_against(
+                    &dev,
+                    &mut model,
+                    &format!("{ctx}, reopened after batch {batch}"),
+                )
+                .await;
+            }
+            _ => {}
+        }
+    }
+    dev.close().await.unwrap();
+    drop(dev);
+    let (code, out) = qemu_img(&["check", "-f", "qed", top.to_str().unwrap()]);
+    assert_eq!(code, 0, "{ctx}: qemu-img check:\n{out}");
+    let model_raw = dir.path().join("model.raw");
+    std::fs::write(&model_raw, model.values()).unwrap();
+    let (code, out) = qemu_img(&[
+        "compare",
+        "-f",
+        "qed",
+        "-F",
+        "raw",
+        top.to_str().unwrap(),
+        model_raw.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{ctx}: qemu-img compare with the model:\n{out}");
+    eprintln!("model {ctx}: {ops_run} operations");
+}
+
+#[test]
+fn model_random_ops_on_qed_overlay() {
+    let seeds = env_count("DS_SEEDS", 3);
+    let shift = env_count("DS_SEED", 0);
+    for s in 0..seeds {
+        let seed = shift.wrapping_add(s);
+        with_deadline(
+            &format!("qed model seed {seed}"),
+            std::time::Duration::from_secs(60),
+            run_seed_qed(seed),
+        );
+    }
+}

@@ -554,3 +554,81 @@ async fn extended_l2_overlay_streams_per_subcluster() {
     assert_check_clean(&top);
     assert_same_as_model(&top, &model, d.path());
 }
+
+// ---- QED ------------------------------------------------------------------
+
+/// [`chain`] with a QED top (made by qemu-img) instead of qcow2.
+fn qed_chain(size: u64, run: u64, runs: u64, seed: u64, base_fmt: &str) -> Chain {
+    let c = chain(size, run, runs, seed, base_fmt);
+    let top = c.dir.join("top.qed");
+    let out = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qed",
+        "-b",
+        p(&c.base),
+        "-F",
+        base_fmt,
+        p(&top),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Chain { top, ..c }
+}
+
+/// The streaming design's original format: a full stream of a QED overlay
+/// completes, copies exactly the data, drops the link, and leaves an image
+/// qemu-img checks clean and finds identical to the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_stream_of_a_qed_overlay_completes_and_drops_the_link() {
+    for fmt in ["qcow2", "raw"] {
+        let c = qed_chain(32 * MIB, MIB, 12, 11, fmt);
+        let img = open_rw(&c.top).await;
+        let s = stream_to_end(&img, StreamOptions::default()).await;
+        assert_eq!(s.outcome, Outcome::Completed);
+        assert_eq!(s.copied, 12 * MIB, "{fmt}: copies exactly the data");
+        img.close().await.unwrap();
+        drop(img);
+        let info = info_json(&c.top);
+        assert_eq!(info["format"], "qed");
+        assert!(
+            info.get("backing-filename").is_none(),
+            "{fmt}: link dropped: {info}"
+        );
+        assert_check_clean(&c.top);
+        assert_same_as_model(&c.top, &c.model, &c.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_on_read_of_a_qed_overlay_keeps_what_the_guest_read() {
+    let c = qed_chain(16 * MIB, MIB, 8, 12, "qcow2");
+    let img = open_rw(&c.top).await;
+    img.set_copy_on_read(true, None);
+    let data = img.read(0, (16 * MIB) as usize).await.unwrap();
+    assert_eq!(data, c.model);
+    let after_first = img.stats().snapshot().backing_read_bytes;
+    assert_eq!(
+        after_first,
+        8 * MIB,
+        "reads each data run from the backing once"
+    );
+    let again = img.read(0, (16 * MIB) as usize).await.unwrap();
+    assert_eq!(again, c.model);
+    assert_eq!(
+        img.stats().snapshot().backing_read_bytes,
+        after_first,
+        "second read is local"
+    );
+    for e in block_status_all(&*img, 0, 16 * MIB).await.unwrap() {
+        assert!(e.depth != Some(1), "still read from the backing: {e:?}");
+    }
+    img.close().await.unwrap();
+    drop(img);
+    assert_check_clean(&c.top);
+    assert_same_as_model(&c.top, &c.model, &c.dir);
+}

@@ -73,13 +73,7 @@ pub struct Args {
 pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let dst_path = &a.dst;
     let kind = FormatKind::parse(&a.out_format).map_err(|e| file_error(dst_path, e))?;
-    let fo = parse_options(a.options.as_deref(), dst_path)?;
-    if fo.cluster_size.is_some() && kind != FormatKind::Qcow2 {
-        anyhow::bail!("{}: cluster_size is a qcow2 option", dst_path.display());
-    }
-    if fo.extended_l2 && kind != FormatKind::Qcow2 {
-        anyhow::bail!("{}: extended_l2 is a qcow2 option", dst_path.display());
-    }
+    let fo = parse_options(a.options.as_deref(), dst_path, kind)?;
     let src = open_chain(&a.src, a.format.clone(), a.force_share).await?;
     let layers = walk_chain(&a.src, a.format.clone(), true).await?;
     for layer in &layers {
@@ -99,6 +93,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let copts = CreateOptions {
         size: Some(size),
         cluster_size: fo.cluster_size,
+        table_size: fo.table_size,
         extended_l2: fo.extended_l2,
         cache: a.cache,
         ..CreateOptions::default()

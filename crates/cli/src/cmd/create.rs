@@ -57,12 +57,18 @@ pub struct Args {
 #[derive(Debug, Default)]
 pub struct FormatOptions {
     pub cluster_size: Option<u64>,
+    /// QED only: L1/L2 table size in clusters.
+    pub table_size: Option<u32>,
     /// qcow2 extended L2 entries (subclusters).
     pub extended_l2: bool,
 }
 
-/// Parses `-o key=value[,key=value...]`.
-pub fn parse_options(s: Option<&str>, image: &std::path::Path) -> anyhow::Result<FormatOptions> {
+/// Parses `-o key=value[,key=value...]` for an image of format `kind`.
+pub fn parse_options(
+    s: Option<&str>,
+    image: &std::path::Path,
+    kind: FormatKind,
+) -> anyhow::Result<FormatOptions> {
     let mut o = FormatOptions::default();
     let Some(s) = s else { return Ok(o) };
     for item in s.split(',').filter(|i| !i.is_empty()) {
@@ -72,19 +78,37 @@ pub fn parse_options(s: Option<&str>, image: &std::path::Path) -> anyhow::Result
                 image.display()
             )
         })?;
-        match k {
-            "cluster_size" => {
+        match (k, kind) {
+            ("cluster_size", FormatKind::Qcow2 | FormatKind::Qed) => {
                 let n = parse_size(v)
                     .map_err(|e| anyhow::anyhow!("{}: cluster_size: {e}", image.display()))?;
-                if !n.is_power_of_two() || !(512..=2 << 20).contains(&n) {
+                // qcow2: 512 B..2 MiB; QED: 4 KiB..64 MiB (the formats' limits).
+                let (lo, hi) = if kind == FormatKind::Qcow2 {
+                    (512, 2 << 20)
+                } else {
+                    (4 << 10, 64 << 20)
+                };
+                if !n.is_power_of_two() || !(lo..=hi).contains(&n) {
                     anyhow::bail!(
-                        "{}: cluster_size {n} must be a power of two between 512 and 2097152",
+                        "{}: cluster_size {n} must be a power of two between {lo} and {hi}",
                         image.display()
                     );
                 }
                 o.cluster_size = Some(n);
             }
-            "extended_l2" => {
+            ("table_size", FormatKind::Qed) => {
+                let n: u32 = v.parse().map_err(|_| {
+                    anyhow::anyhow!("{}: table_size: not a number: {v}", image.display())
+                })?;
+                if !n.is_power_of_two() || !(1..=16).contains(&n) {
+                    anyhow::bail!(
+                        "{}: table_size {n} must be a power of two between 1 and 16 (clusters)",
+                        image.display()
+                    );
+                }
+                o.table_size = Some(n);
+            }
+            ("extended_l2", FormatKind::Qcow2) => {
                 o.extended_l2 = match v {
                     "on" | "true" => true,
                     "off" | "false" => false,
@@ -94,8 +118,13 @@ pub fn parse_options(s: Option<&str>, image: &std::path::Path) -> anyhow::Result
                     ),
                 };
             }
+            ("cluster_size" | "table_size" | "extended_l2", _) => anyhow::bail!(
+                "{}: {k} is not an option of {} images",
+                image.display(),
+                kind.name()
+            ),
             _ => anyhow::bail!(
-                "{}: unknown option '{k}' (known: cluster_size, extended_l2)",
+                "{}: unknown option '{k}' (known: cluster_size, extended_l2 for qcow2, table_size for qed)",
                 image.display()
             ),
         }
@@ -110,20 +139,14 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         Some(s) => Some(parse_size(s).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?),
         None => None,
     };
-    let fo = parse_options(a.options.as_deref(), path)?;
-    if fo.cluster_size.is_some() && kind != FormatKind::Qcow2 {
-        anyhow::bail!("{}: cluster_size is a qcow2 option", path.display());
-    }
-    if fo.extended_l2 && kind != FormatKind::Qcow2 {
-        anyhow::bail!("{}: extended_l2 is a qcow2 option", path.display());
-    }
+    let fo = parse_options(a.options.as_deref(), path, kind)?;
     if a.backing_format.is_some() && a.backing.is_none() {
         anyhow::bail!("{}: -F needs a backing file (-b)", path.display());
     }
     let backing = match &a.backing {
         None => None,
         Some(name) => {
-            if kind != FormatKind::Qcow2 {
+            if kind == FormatKind::Raw {
                 anyhow::bail!(
                     "{}: {} images cannot have a backing file",
                     path.display(),
@@ -186,6 +209,9 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         if let Some(c) = fo.cluster_size {
             line += &format!(" cluster_size={c}");
         }
+        if let Some(t) = fo.table_size {
+            line += &format!(" table_size={t}");
+        }
         if fo.extended_l2 {
             line += " extended_l2=on";
         }
@@ -203,6 +229,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         size: Some(size),
         backing,
         cluster_size: fo.cluster_size,
+        table_size: fo.table_size,
         extended_l2: fo.extended_l2,
         cache: a.cache,
     };

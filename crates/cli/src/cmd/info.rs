@@ -147,7 +147,9 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
     let is_qcow2 = fmt.format_name() == "qcow2";
-    let cluster_size = is_qcow2.then(|| fmt.granularity() * if extended_l2 { 32 } else { 1 });
+    let is_qed = fmt.format_name() == "qed";
+    let cluster_size =
+        (is_qcow2 || is_qed).then(|| fmt.granularity() * if extended_l2 { 32 } else { 1 });
     let spec = fmt.backing();
     let full_backing = layers
         .get(1)
@@ -183,7 +185,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         format_specific: format_specific.map(QemuOrder),
         full_backing_filename: full_backing,
         backing_filename: spec.as_ref().map(|s| s.name.clone()),
-        dirty_flag: is_qcow2 && qcow2_dirty(path)?,
+        dirty_flag: (is_qcow2 && qcow2_dirty(path)?) || (is_qed && qed_need_check(path)?),
         local_bytes,
         chain_bytes,
         local_percent,
@@ -257,6 +259,19 @@ fn qcow2_dirty(path: &std::path::Path) -> anyhow::Result<bool> {
     let version = u32::from_be_bytes(h[4..8].try_into().expect("4 bytes"));
     let incompatible = u64::from_be_bytes(h[72..80].try_into().expect("8 bytes"));
     Ok(version >= 3 && incompatible & 1 != 0)
+}
+
+/// Whether the QED header has the need-check flag set (qemu reports it as
+/// the dirty flag).
+fn qed_need_check(path: &std::path::Path) -> anyhow::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let f =
+        std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: open: {e}", path.display()))?;
+    let mut h = [0u8; 24];
+    f.read_exact_at(&mut h, 0)
+        .map_err(|e| anyhow::anyhow!("{}: read header: {e}", path.display()))?;
+    let features = u64::from_le_bytes(h[16..24].try_into().expect("8 bytes"));
+    Ok(features & image::qed::header::F_NEED_CHECK != 0)
 }
 
 /// JSON indented by four spaces, as qemu-img prints it.

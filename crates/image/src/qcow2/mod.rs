@@ -19,7 +19,7 @@
 //! requests per subcluster only, a write that allocates a cluster claims it
 //! (`Meta::allocating`) until its L2 update is in place.
 
-mod cache;
+pub(crate) mod cache;
 mod check;
 pub mod entry;
 pub mod header;

@@ -1,6 +1,6 @@
 //! The body of the `open_read` fuzz target: bytes → an image in memory →
-//! open as qcow2 and as raw, read-only → mapping, reads and a check of a few
-//! ranges.
+//! open as qcow2, as QED and as raw, read-only → mapping, reads and a check
+//! of a few ranges.
 //!
 //! It lives in the library so the cargo-fuzz target (`fuzz/`) and a unit test
 //! that replays the committed corpus call the same code. The work per input
@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use crate::format::{Format, Mapping};
 use crate::qcow2::{Qcow2, Qcow2Options};
+use crate::qed::{Qed, QedOptions};
 use crate::raw::Raw;
 use crate::storage::{MemStorage, Storage};
 
@@ -33,6 +34,11 @@ pub struct FuzzOutcome {
     pub qcow2_bytes_read: u64,
     /// `check()` found no corruption (when it opened and the check ran).
     pub qcow2_check_clean: Option<bool>,
+    /// The same for the QED engine.
+    pub qed_opened: bool,
+    pub qed_size: Option<u64>,
+    pub qed_bytes_read: u64,
+    pub qed_check_clean: Option<bool>,
 }
 
 /// Runs one input. Panics only when an invariant above fails (or the engine
@@ -60,6 +66,25 @@ pub fn fuzz_open_read(data: &[u8]) -> FuzzOutcome {
     assert!(
         mem.snapshot() == data,
         "a read-only qcow2 open changed the file"
+    );
+    // QED
+    let mem = Arc::new(MemStorage::from_bytes("fuzz.qed", data.to_vec()));
+    let storage: Arc<dyn Storage> = mem.clone();
+    let opts = QedOptions {
+        writable: false,
+        cache_bytes: Some(CACHE_BYTES),
+    };
+    if let Ok(q) = Qed::open(storage, &opts) {
+        let f: Arc<dyn Format> = Arc::new(q);
+        out.qed_opened = true;
+        out.qed_size = Some(f.virtual_size());
+        out.qed_bytes_read = exercise(&*f, data);
+        out.qed_check_clean = f.check(None).ok().map(|r| r.corruptions == 0);
+        drop(f);
+    }
+    assert!(
+        mem.snapshot() == data,
+        "a read-only QED open changed the file"
     );
     // raw: never fails to open, must read the bytes back as they are.
     let mem = Arc::new(MemStorage::from_bytes("fuzz.raw", data.to_vec()));

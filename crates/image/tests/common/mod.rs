@@ -190,3 +190,15 @@ pub fn qemu_qcow2_bytes_opts(size: u64, options: &str, backing: Option<(&str, &s
     assert_eq!(code, 0, "qemu-img {args:?}: {out}");
     std::fs::read(&p).unwrap()
 }
+
+/// [`qemu_check`] for an image of format `fmt`.
+pub fn qemu_check_as(path: &Path, fmt: &str) -> Result<i32, String> {
+    let p = path.to_str().unwrap();
+    let (code, text) = qemu_img(&["check", "-f", fmt, p]);
+    match code {
+        0 | 3 => Ok(code),
+        _ => Err(format!(
+            "qemu-img check -f {fmt} {p} exited {code}:\n{text}"
+        )),
+    }
+}
