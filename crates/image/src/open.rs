@@ -306,6 +306,8 @@ pub struct CreateOptions {
     /// qcow2 cluster size; `None` for the default (64 KiB).
     pub cluster_size: Option<u64>,
     pub cache: CacheMode,
+    /// qcow2 on-disk features (`compat`, `refcount_bits`, `lazy_refcounts`).
+    pub qcow2_features: qcow2::Features,
 }
 
 /// Creates an image file. The file must not be left half-made: on error it
@@ -351,13 +353,14 @@ pub async fn create(path: &Path, kind: FormatKind, opts: &CreateOptions) -> Resu
     let result = tokio::task::spawn_blocking(move || -> Result<()> {
         let storage = FileStorage::create(&p, o.cache).map_err(|e| Error::io(&p, "create", e))?;
         match kind {
-            FormatKind::Qcow2 => qcow2::create(
+            FormatKind::Qcow2 => qcow2::create_with(
                 &storage,
                 &qcow2::CreateOptions {
                     size,
                     cluster_size: o.cluster_size,
                     backing: o.backing.clone(),
                 },
+                &o.qcow2_features,
             ),
             FormatKind::Raw => raw::create(&storage, size),
         }

@@ -74,9 +74,15 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let dst_path = &a.dst;
     let kind = FormatKind::parse(&a.out_format).map_err(|e| file_error(dst_path, e))?;
     let fo = parse_options(a.options.as_deref(), dst_path)?;
-    if fo.cluster_size.is_some() && kind != FormatKind::Qcow2 {
-        anyhow::bail!("{}: cluster_size is a qcow2 option", dst_path.display());
+    if fo.any_qcow2() && kind != FormatKind::Qcow2 {
+        anyhow::bail!(
+            "{}: cluster_size, compat, refcount_bits and lazy_refcounts are qcow2 options",
+            dst_path.display()
+        );
     }
+    fo.qcow2
+        .refcount_order(dst_path)
+        .map_err(|e| file_error(dst_path, e))?;
     let src = open_chain(&a.src, a.format.clone(), a.force_share).await?;
     let layers = walk_chain(&a.src, a.format.clone(), true).await?;
     for layer in &layers {
@@ -97,6 +103,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         size: Some(size),
         cluster_size: fo.cluster_size,
         cache: a.cache,
+        qcow2_features: fo.qcow2.clone(),
         ..CreateOptions::default()
     };
     image::create(dst_path, kind, &copts)

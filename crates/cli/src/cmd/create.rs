@@ -34,8 +34,9 @@ pub struct Args {
     /// Format of the backing file (required with -b; never probed).
     #[arg(short = 'F', long = "backing-format")]
     backing_format: Option<String>,
-    /// Format options, comma separated: cluster_size=N (qcow2; a power of
-    /// two from 512 bytes to 2 MiB, suffixes allowed).
+    /// Format options, comma separated (qcow2): cluster_size=N (a power of
+    /// two from 512 bytes to 2 MiB, suffixes allowed), compat=0.10|1.1,
+    /// refcount_bits=1|2|4|8|16|32|64, lazy_refcounts=on|off.
     #[arg(short = 'o', long = "options")]
     options: Option<String>,
     /// Do not print the "Formatting ..." line.
@@ -56,6 +57,25 @@ pub struct Args {
 #[derive(Debug, Default)]
 pub struct FormatOptions {
     pub cluster_size: Option<u64>,
+    /// On-disk qcow2 features (compat, refcount_bits, lazy_refcounts).
+    pub qcow2: image::qcow2::Features,
+    /// The feature options given, as `key=value` for the "Formatting" line.
+    pub given: Vec<String>,
+}
+
+impl FormatOptions {
+    /// Whether any qcow2-only option was given.
+    pub fn any_qcow2(&self) -> bool {
+        self.cluster_size.is_some() || !self.given.is_empty()
+    }
+}
+
+fn on_off(k: &str, v: &str, image: &std::path::Path) -> anyhow::Result<bool> {
+    match v {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => anyhow::bail!("{}: {k}: expected on or off, not '{v}'", image.display()),
+    }
 }
 
 /// Parses `-o key=value[,key=value...]`.
@@ -81,8 +101,37 @@ pub fn parse_options(s: Option<&str>, image: &std::path::Path) -> anyhow::Result
                 }
                 o.cluster_size = Some(n);
             }
+            "compat" => {
+                o.qcow2.version_2 = match v {
+                    "0.10" | "v2" => true,
+                    "1.1" | "v3" => false,
+                    _ => anyhow::bail!(
+                        "{}: compat: expected 0.10 or 1.1, not '{v}'",
+                        image.display()
+                    ),
+                };
+                o.given.push(format!("compat={v}"));
+            }
+            "refcount_bits" => {
+                let n: u32 = v.parse().map_err(|_| {
+                    anyhow::anyhow!("{}: refcount_bits: not a number: '{v}'", image.display())
+                })?;
+                if !n.is_power_of_two() || n > 64 {
+                    anyhow::bail!(
+                        "{}: refcount_bits {n} must be a power of two from 1 to 64",
+                        image.display()
+                    );
+                }
+                o.qcow2.refcount_bits = Some(n);
+                o.given.push(format!("refcount_bits={n}"));
+            }
+            "lazy_refcounts" => {
+                o.qcow2.lazy_refcounts = on_off(k, v, image)?;
+                o.given.push(format!("lazy_refcounts={v}"));
+            }
             _ => anyhow::bail!(
-                "{}: unknown option '{k}' (known: cluster_size)",
+                "{}: unknown option '{k}' (known: cluster_size, compat, refcount_bits, \
+                 lazy_refcounts)",
                 image.display()
             ),
         }
@@ -98,9 +147,16 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let fo = parse_options(a.options.as_deref(), path)?;
-    if fo.cluster_size.is_some() && kind != FormatKind::Qcow2 {
-        anyhow::bail!("{}: cluster_size is a qcow2 option", path.display());
+    if fo.any_qcow2() && kind != FormatKind::Qcow2 {
+        anyhow::bail!(
+            "{}: cluster_size, compat, refcount_bits and lazy_refcounts are qcow2 options",
+            path.display()
+        );
     }
+    // Same rules as qemu-img, before the file is touched.
+    fo.qcow2
+        .refcount_order(path)
+        .map_err(|e| file_error(path, e))?;
     if a.backing_format.is_some() && a.backing.is_none() {
         anyhow::bail!("{}: -F needs a backing file (-b)", path.display());
     }
@@ -170,6 +226,9 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         if let Some(c) = fo.cluster_size {
             line += &format!(" cluster_size={c}");
         }
+        for g in &fo.given {
+            line += &format!(" {g}");
+        }
         line += &format!(" size={size}");
         if let Some(spec) = &backing {
             line += &format!(
@@ -185,6 +244,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         backing,
         cluster_size: fo.cluster_size,
         cache: a.cache,
+        qcow2_features: fo.qcow2.clone(),
     };
     image::create(path, kind, &opts)
         .await

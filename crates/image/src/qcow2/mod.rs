@@ -54,6 +54,45 @@ pub struct CreateOptions {
     pub backing: Option<BackingSpec>,
 }
 
+/// The `-o` options of `qemu-img create -f qcow2` that pick on-disk
+/// features; the default is what qemu-img makes without options.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Features {
+    /// `compat=0.10`: a version 2 image (no zero clusters, no feature bits).
+    pub version_2: bool,
+    /// `refcount_bits`: 1, 2, 4, 8, 16, 32 or 64; `None` for 16.
+    pub refcount_bits: Option<u32>,
+    /// `lazy_refcounts=on` (version 3 only).
+    pub lazy_refcounts: bool,
+}
+
+impl Features {
+    /// The refcount order these features ask for, checked as qemu-img
+    /// checks it.
+    pub fn refcount_order(&self, path: &Path) -> Result<u32> {
+        let bits = self.refcount_bits.unwrap_or(16);
+        if !bits.is_power_of_two() || bits > 64 {
+            return Err(Error::InvalidInput(format!(
+                "{}: refcount_bits {bits} must be a power of two from 1 to 64",
+                path.display()
+            )));
+        }
+        if self.version_2 && bits != 16 {
+            return Err(Error::InvalidInput(format!(
+                "{}: refcount widths other than 16 bits need compat=1.1",
+                path.display()
+            )));
+        }
+        if self.version_2 && self.lazy_refcounts {
+            return Err(Error::InvalidInput(format!(
+                "{}: lazy refcounts need compat=1.1",
+                path.display()
+            )));
+        }
+        Ok(bits.trailing_zeros())
+    }
+}
+
 /// The metadata of an open image; see the module comment for the locking
 /// and write ordering rules.
 #[derive(Debug)]
@@ -462,15 +501,6 @@ impl Qcow2 {
                         .into(),
                 });
             }
-            if h.refcount_order != 4 {
-                return Err(unsupported(
-                    &path,
-                    format!(
-                        "refcount_bits {} for read-write opens (only 16)",
-                        1u32 << h.refcount_order
-                    ),
-                ));
-            }
             if h.has_bitmaps_ext || h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0 {
                 return Err(unsupported(&path, "persistent bitmaps (read-write)".into()));
             }
@@ -848,9 +878,15 @@ impl Qcow2 {
     }
 }
 
-/// Creates an empty v3 image (qemu-img's `compat=1.1` layout: header,
-/// refcount table, refcount blocks, L1 table).
+/// Creates an empty image (qemu-img's layout: header, refcount table,
+/// refcount blocks, L1 table), version 3 unless `compat=0.10` is asked for.
 pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
+    create_with(storage, opts, &Features::default())
+}
+
+/// [`create`] with on-disk `features` (`compat`, `refcount_bits`,
+/// `lazy_refcounts`).
+pub fn create_with(storage: &dyn Storage, opts: &CreateOptions, features: &Features) -> Result<()> {
     let path = storage.path();
     let cs = opts.cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE);
     if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
@@ -877,8 +913,10 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
             header::MAX_L1_BYTES
         )));
     }
+    let order = features.refcount_order(path)?;
+    let v2 = features.version_2;
     let l1_clusters = (l1_entries * 8).div_ceil(cs);
-    let per_block = cs * 8 / 16;
+    let per_block = (cs * 8) >> order;
     // header + reftable + refblocks + L1, sized until it covers itself.
     let (mut rt_clusters, mut rb_count) = (1u64, 1u64);
     loop {
@@ -902,7 +940,7 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
         )));
     }
     let h = Header {
-        version: 3,
+        version: if v2 { 2 } else { 3 },
         cluster_bits,
         size,
         crypt_method: 0,
@@ -913,14 +951,23 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
         nb_snapshots: 0,
         snapshots_offset: 0,
         incompatible_features: 0,
-        compatible_features: 0,
+        compatible_features: if features.lazy_refcounts {
+            header::COMPAT_LAZY_REFCOUNTS
+        } else {
+            0
+        },
         autoclear_features: 0,
-        refcount_order: 4,
-        header_length: header::V3_HEADER_LEN,
+        refcount_order: order,
+        header_length: if v2 {
+            header::V2_HEADER_LEN
+        } else {
+            header::V3_HEADER_LEN
+        },
         compression_type: 0,
         backing_name: opts.backing.as_ref().map(|b| b.name.clone()),
         backing_format: opts.backing.as_ref().and_then(|b| b.format.clone()),
-        feature_table: Some(header::default_feature_table()),
+        // Version 2 has no feature bits to name (qemu writes no table).
+        feature_table: (!v2).then(header::default_feature_table),
         data_file: None,
         has_bitmaps_ext: false,
         has_crypto_ext: false,
@@ -934,9 +981,9 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
         image[(rt_off + b * 8) as usize..(rt_off + b * 8 + 8) as usize]
             .copy_from_slice(&(rb_off + b * cs).to_be_bytes());
     }
+    let blocks = &mut image[rb_off as usize..(rb_off + rb_count * cs) as usize];
     for c in 0..total {
-        let at = (rb_off + c * 2) as usize;
-        image[at..at + 2].copy_from_slice(&1u16.to_be_bytes());
+        refcount::set_entry(blocks, order, c as usize, 1);
     }
     storage.write_at(&image, 0).map_err(|e| io("write", e))?;
     storage.flush().map_err(|e| io("flush", e))
