@@ -130,6 +130,13 @@ fn journaled(dir: &Path) -> Option<u64> {
 }
 
 async fn crash_iterations(kind: FormatKind) {
+    crash_iterations_with(kind, image::qcow2::Features::default()).await
+}
+
+/// The crash iterations on qcow2 overlays created with `features`.
+async fn crash_iterations_with(kind: FormatKind, features: image::qcow2::Features) {
+    let lazy = features.lazy_refcounts;
+    let mut dirty_compared = 0;
     let iters = env_count("DS_CRASH_ITERS", 4);
     let shift = env_count("DS_SEED", 0);
     let mut total_batches = 0;
@@ -157,6 +164,7 @@ async fn crash_iterations(kind: FormatKind) {
                             name: "base.raw".into(),
                             format: Some("raw".into()),
                         }),
+                        qcow2_features: features.clone(),
                         ..CreateOptions::default()
                     },
                 )
@@ -227,6 +235,14 @@ async fn crash_iterations(kind: FormatKind) {
 
         if kind == FormatKind::Qcow2 {
             let bytes = std::fs::read(&disk).unwrap();
+            if lazy && qcow2_dirty(&bytes) {
+                // Before the repair our check sees the stale refcounts as
+                // qemu-img does.
+                check_agrees_with_qemu(&disk)
+                    .await
+                    .unwrap_or_else(|e| panic!("{ctx}: before the repair: {e}"));
+                dirty_compared += 1;
+            }
             if qcow2_dirty(&bytes) {
                 // qemu-img check does not repair first; our open does.
                 let img = open(&disk, &writable())
@@ -265,9 +281,16 @@ async fn crash_iterations(kind: FormatKind) {
         }
     }
     eprintln!(
-        "crash {}: {iters} kills, {total_batches} journaled batches verified",
+        "crash {}: {iters} kills, {total_batches} journaled batches verified, {dirty_compared} \
+         dirty images checked like qemu-img before the repair",
         kind.name()
     );
+    if lazy {
+        assert!(
+            dirty_compared > 0 || iters < 4,
+            "no kill left a lazy-refcounts image dirty"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,4 +303,16 @@ async fn process_crash_qcow2_overlay_keeps_journaled_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_crash_raw_keeps_journaled_writes() {
     crash_iterations(FormatKind::Raw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_crash_qcow2_lazy_refcounts_keeps_journaled_writes() {
+    crash_iterations_with(
+        FormatKind::Qcow2,
+        image::qcow2::Features {
+            lazy_refcounts: true,
+            ..Default::default()
+        },
+    )
+    .await;
 }

@@ -93,6 +93,11 @@ async fn check_against(dev: &Image, model: &mut ContentModel, ctx: &str) {
 }
 
 async fn run_seed(seed: u64) {
+    run_seed_with(seed, "").await
+}
+
+/// One seed on a top image made with the extra `-o` options `opts`.
+async fn run_seed_with(seed: u64, opts: &str) {
     let mut rng = TestRng::new(seed);
     let dir = tempfile::tempdir().unwrap();
     let cluster = *rng.pick(&[512u64, 4096, 65536]);
@@ -118,11 +123,13 @@ async fn run_seed(seed: u64) {
     } else {
         ("base.raw", "raw")
     };
-    let ctx = format!("seed {seed} (cluster {cluster}, {bfmt} backing of {bsize} bytes)");
+    let ctx =
+        format!("seed {seed} (cluster {cluster}, {bfmt} backing of {bsize} bytes; -o {opts})");
     let top = dir.path().join("top.qcow2");
     // Made by qemu-img: this test is about I/O; our create is covered by
     // the conformance suite.
-    std::fs::write(&top, qemu_qcow2_bytes(size, cluster, Some((bname, bfmt)))).unwrap();
+    let bytes = qemu_qcow2_bytes_with(size, cluster, Some((bname, bfmt)), opts);
+    std::fs::write(&top, bytes).unwrap();
     let mut initial = content.clone();
     initial.resize(size as usize, 0);
     let mut model = ContentModel::new(initial);
@@ -270,4 +277,33 @@ async fn model_random_ops_on_raw() {
         m.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn model_random_ops_on_qcow2_lazy_refcounts() {
+    let seeds = env_count("DS_SEEDS", 3);
+    let shift = env_count("DS_SEED", 0);
+    for s in 0..seeds {
+        let seed = shift.wrapping_add(s).wrapping_add(1000);
+        with_deadline(
+            &format!("model lazy refcounts seed {seed}"),
+            std::time::Duration::from_secs(60),
+            run_seed_with(seed, "lazy_refcounts=on"),
+        );
+    }
+}
+
+#[test]
+fn model_random_ops_on_qcow2_refcount_widths() {
+    let seeds = env_count("DS_SEEDS", 3);
+    let shift = env_count("DS_SEED", 0);
+    for s in 0..seeds {
+        let seed = shift.wrapping_add(s).wrapping_add(2000);
+        let bits = [1, 2, 4, 8, 32, 64][(seed % 6) as usize];
+        with_deadline(
+            &format!("model refcount_bits={bits} seed {seed}"),
+            std::time::Duration::from_secs(60),
+            run_seed_with(seed, &format!("refcount_bits={bits}")),
+        );
+    }
 }

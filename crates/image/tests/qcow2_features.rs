@@ -246,3 +246,117 @@ fn create_refuses_what_qemu_img_refuses() {
         assert_eq!(e.kind(), image::ErrorKind::InvalidInput, "{f:?}: {e}");
     }
 }
+
+/// `qemu-img check --output=json` of a file (any exit code).
+fn qemu_check_json(path: &Path) -> serde_json::Value {
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "-U", "-f", "qcow2", "--output=json", p(path)])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "qemu-img check {}: {e}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Our read-only check reports what qemu-img check reports for `path`.
+async fn assert_check_agrees(path: &Path) -> (u64, u64) {
+    let q = qemu_check_json(path);
+    let img = image::open(path, &OpenOptions::default()).await.unwrap();
+    let r = img.format().check(None).unwrap();
+    let field = |k: &str| q.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    assert_eq!(r.corruptions, field("corruptions"), "corruptions: {q}");
+    assert_eq!(r.leaks, field("leaks"), "leaks: {q}");
+    assert_eq!(
+        r.image_end_offset,
+        q.get("image-end-offset").and_then(|v| v.as_u64()),
+        "{q}"
+    );
+    (r.corruptions, r.leaks)
+}
+
+fn is_dirty(path: &Path) -> bool {
+    let b = std::fs::read(path).unwrap();
+    b[79] & 1 != 0
+}
+
+#[test]
+fn lazy_refcounts_defer_updates_and_repair_on_open() {
+    with_deadline("lazy refcounts", LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        for (made_by_qemu, cluster) in [(true, 65536u64), (false, 4096), (true, 512)] {
+            let a = dir.path().join("lazy.qcow2");
+            let _ = std::fs::remove_file(&a);
+            if made_by_qemu {
+                qemu_create(
+                    &a,
+                    &format!("lazy_refcounts=on,cluster_size={cluster}"),
+                    "8M",
+                );
+            } else {
+                image::create(
+                    &a,
+                    FormatKind::Qcow2,
+                    &CreateOptions {
+                        size: Some(8 << 20),
+                        cluster_size: Some(cluster),
+                        qcow2_features: qcow2::Features {
+                            lazy_refcounts: true,
+                            ..Default::default()
+                        },
+                        ..CreateOptions::default()
+                    },
+                )
+                .await
+                .unwrap();
+                assert_eq!(our_specific(&a).await, qemu_specific(&a));
+            }
+            assert!(!is_dirty(&a));
+            let img = image::open(&a, &rw()).await.unwrap();
+            let mut model = vec![0u8; 8 << 20];
+            let mut rng = TestRng::new(cluster);
+            for _ in 0..40 {
+                let off = rng.below(16 << 10) * 512;
+                let len = rng.range(1, 130) * 512;
+                let len = len.min((8 << 20) - off);
+                let data = rng.bytes(len as usize);
+                model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                img.write(off, Bytes::from(data), WriteFlags::default())
+                    .await
+                    .unwrap();
+            }
+            img.discard(0, 1 << 20).await.unwrap();
+            model[..1 << 20].fill(0);
+            img.flush().await.unwrap();
+            // A crash now: the copy is what the disk holds after the flush.
+            let crashed = dir.path().join("crashed.qcow2");
+            std::fs::copy(&a, &crashed).unwrap();
+            assert!(is_dirty(&crashed), "dirty bit not set before L2 writes");
+            let (corruptions, _leaks) = assert_check_agrees(&crashed).await;
+            assert!(corruptions > 0, "refcounts were not deferred");
+            let content = common::read_all(&*img).await;
+            assert!(
+                content == model,
+                "cluster {cluster}: content differs from the model"
+            );
+            img.close().await.unwrap();
+            drop(img);
+            assert!(!is_dirty(&a), "close leaves the dirty bit set");
+            assert_clean(&a);
+            assert!(qemu_content(&a, None) == content);
+            // The next read-write open repairs the crashed copy.
+            let img = image::open(&crashed, &rw()).await.unwrap();
+            assert!(!is_dirty(&crashed), "open did not repair");
+            img.close().await.unwrap();
+            drop(img);
+            assert_clean(&crashed);
+            assert!(
+                qemu_content(&crashed, None) == content,
+                "lost durable writes"
+            );
+        }
+    });
+}

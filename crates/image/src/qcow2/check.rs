@@ -348,7 +348,7 @@ fn check_once(m: &mut Meta, repair: Option<Repair>) -> Result<(CheckReport, Vec<
                     m.free_hint = c;
                 }
             }
-            m.flush_meta()?;
+            m.flush_meta_with(true)?;
             w.report.leaks_fixed = leaked.len() as u64;
         }
         _ => {}
@@ -359,7 +359,7 @@ fn check_once(m: &mut Meta, repair: Option<Repair>) -> Result<(CheckReport, Vec<
 /// Checks, repairs as allowed, and reports like `qemu-img check`: after a
 /// repair the counters come from a second pass, the `*_fixed` from the first.
 pub(super) fn check(m: &mut Meta, repair: Option<Repair>) -> Result<CheckReport> {
-    m.flush_meta()?;
+    m.flush_meta_with(true)?;
     let (first, _) = check_once(m, repair)?;
     if first.leaks_fixed == 0 && first.corruptions_fixed == 0 {
         return Ok(first);

@@ -351,14 +351,22 @@ impl Meta {
     /// Writes every dirty table in crash-safe order and syncs; then applies
     /// the queued frees (whose refcount blocks go out with the next flush).
     fn flush_meta(&mut self) -> Result<()> {
+        self.flush_meta_with(false)
+    }
+
+    /// [`Meta::flush_meta`]; with lazy refcounts, refcount blocks and the
+    /// refcount table are written only when `all_refcounts` is set (close,
+    /// check) or the cache is full of them (see `refcount.rs`).
+    fn flush_meta_with(&mut self, all_refcounts: bool) -> Result<()> {
         if !self.writable {
             return Ok(());
         }
-        let mut wrote = self.write_dirty_refblocks()?;
+        let defer = self.defer_refcounts(all_refcounts)?;
+        let mut wrote = !defer && self.write_dirty_refblocks()?;
         if self.rc_critical > 0 {
             return self.sync();
         }
-        if !self.reftable_dirty.is_empty() {
+        if !defer && !self.reftable_dirty.is_empty() {
             if wrote {
                 self.sync()?;
             }
@@ -1311,9 +1319,10 @@ impl Format for Qcow2 {
         }
         let mut m = self.lock();
         m.ensure_consistent()?;
-        m.flush_meta()?;
+        m.flush_meta_with(true)?;
         // The frees applied by the first flush dirtied refcount blocks.
-        m.flush_meta()
+        m.flush_meta_with(true)?;
+        m.mark_clean()
     }
 }
 
