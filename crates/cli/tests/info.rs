@@ -159,3 +159,47 @@ fn backing_chain_info_matches_qemu_img_and_counts_the_local_share() {
     );
     assert!(human.contains("backing file format: qcow2"), "{human}");
 }
+
+/// The block qemu-img prints from "Snapshot list:" up to the next heading.
+fn snapshot_block(text: &str) -> String {
+    let Some(start) = text.find("Snapshot list:") else {
+        return String::new();
+    };
+    text[start..]
+        .lines()
+        .take_while(|l| !l.starts_with("Format specific") && !l.starts_with("local data"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn qcow2_feature_fields_and_snapshots_match_qemu_img() {
+    let d = Dir::new();
+    for (name, opts) in [
+        ("v2.qcow2", "compat=0.10"),
+        ("r1.qcow2", "refcount_bits=1"),
+        ("r64.qcow2", "refcount_bits=64,lazy_refcounts=on"),
+        ("snap.qcow2", "cluster_size=4096"),
+        ("snapv2.qcow2", "compat=0.10,cluster_size=4096"),
+    ] {
+        ds_ok(&d, &["create", "-q", "-f", "qcow2", "-o", opts, name, "2M"]);
+        qemu_io(&d, "qcow2", name, &["write -P 3 0 64k"]);
+        if name.starts_with("snap") {
+            qemu_ok(&d, "qemu-img", &["snapshot", "-c", "first", name]);
+            qemu_io(&d, "qcow2", name, &["write -P 4 0 4k"]);
+            qemu_ok(&d, "qemu-img", &["snapshot", "-c", "second", name]);
+        }
+        let ours = same_info(&d, name);
+        let theirs = json(&qemu_ok(&d, "qemu-img", &["info", "--output=json", name]));
+        assert_eq!(ours.get("snapshots"), theirs.get("snapshots"), "{name}");
+        let human = ds_ok(&d, &["info", name]);
+        let qemu_human = qemu_ok(&d, "qemu-img", &["info", name]);
+        assert_eq!(
+            snapshot_block(&human),
+            snapshot_block(&qemu_human),
+            "{name}"
+        );
+        let check = qemu(&d, "qemu-img", &["check", name]);
+        assert!(check.status.success(), "{name}: {}", stderr(&check));
+    }
+}

@@ -360,3 +360,180 @@ fn lazy_refcounts_defer_updates_and_repair_on_open() {
         }
     });
 }
+
+/// `qemu-img info --output json`'s `snapshots` list, in our terms.
+fn qemu_snapshots(path: &Path) -> Vec<image::format::SnapshotInfo> {
+    let out = run("qemu-img", &["info", "-U", "--output", "json", p(path)]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let Some(list) = v["snapshots"].as_array() else {
+        return Vec::new();
+    };
+    let n = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap();
+    list.iter()
+        .map(|s| image::format::SnapshotInfo {
+            id: s["id"].as_str().unwrap().into(),
+            name: s["name"].as_str().unwrap().into(),
+            vm_state_size: n(s, "vm-state-size"),
+            date_sec: n(s, "date-sec"),
+            date_nsec: n(s, "date-nsec"),
+            vm_clock_nsec: n(s, "vm-clock-sec") * 1_000_000_000 + n(s, "vm-clock-nsec"),
+            icount: s.get("icount").and_then(|c| c.as_u64()),
+        })
+        .collect()
+}
+
+#[test]
+fn writes_to_images_with_internal_snapshots_copy_shared_clusters_first() {
+    with_deadline("internal snapshots", LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        for (opts, seed) in [
+            ("cluster_size=65536", 1u64),
+            ("cluster_size=512", 2),
+            ("cluster_size=4096,compat=0.10", 3),
+            ("cluster_size=4096,lazy_refcounts=on,refcount_bits=8", 4),
+        ] {
+            let a = dir.path().join(format!("snap{seed}.qcow2"));
+            qemu_create(&a, opts, "4M");
+            run(
+                "qemu-io",
+                &[
+                    "-f",
+                    "qcow2",
+                    "-c",
+                    "write -P 1 0 3M",
+                    "-c",
+                    "write -c -P 9 3M 128k",
+                    p(&a),
+                ],
+            );
+            run("qemu-img", &["snapshot", "-c", "s1", p(&a)]);
+            run(
+                "qemu-io",
+                &[
+                    "-f",
+                    "qcow2",
+                    "-c",
+                    "write -P 2 1M 1M",
+                    "-c",
+                    "write -z 2M 64k",
+                    p(&a),
+                ],
+            );
+            run("qemu-img", &["snapshot", "-c", "s2", p(&a)]);
+            let s1 = qemu_content(&a, Some("s1"));
+            let s2 = qemu_content(&a, Some("s2"));
+            let listed = run("qemu-img", &["snapshot", "-l", p(&a)]);
+            let before = qemu_content(&a, None);
+            assert!(before == s2);
+            {
+                let img = image::open(&a, &OpenOptions::default()).await.unwrap();
+                assert!(
+                    common::read_all(&*img).await == before,
+                    "{opts}: active layer"
+                );
+                assert_eq!(img.format().snapshots(), qemu_snapshots(&a), "{opts}");
+            }
+            assert_check_agrees(&a).await;
+            // Our writes, zero writes and discards everywhere: every shared
+            // data cluster and L2 table is copied before it changes.
+            let content = exercise(&a, 300 + seed, 120, before).await;
+            assert_clean(&a);
+            assert!(qemu_content(&a, None) == content, "{opts}: active layer");
+            assert!(
+                qemu_content(&a, Some("s1")) == s1,
+                "{opts}: snapshot s1 changed"
+            );
+            assert!(
+                qemu_content(&a, Some("s2")) == s2,
+                "{opts}: snapshot s2 changed"
+            );
+            assert_eq!(run("qemu-img", &["snapshot", "-l", p(&a)]), listed);
+            assert_check_agrees(&a).await;
+            // qemu can still go back to a snapshot and write there.
+            run("qemu-img", &["snapshot", "-a", "s1", p(&a)]);
+            assert!(qemu_content(&a, None) == s1, "{opts}: applied s1");
+            run("qemu-img", &["snapshot", "-d", "s2", p(&a)]);
+            assert_clean(&a);
+            let img = image::open(&a, &OpenOptions::default()).await.unwrap();
+            assert!(common::read_all(&*img).await == s1);
+        }
+    });
+}
+
+#[test]
+fn hostile_snapshot_tables_are_refused_cleanly() {
+    with_deadline("hostile snapshot tables", LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.qcow2");
+        qemu_create(&good, "cluster_size=4096", "1M");
+        run(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 1 0 64k", p(&good)],
+        );
+        run("qemu-img", &["snapshot", "-c", "s1", p(&good)]);
+        let bytes = std::fs::read(&good).unwrap();
+        let len = bytes.len() as u64;
+        let table = u64::from_be_bytes(bytes[64..72].try_into().unwrap()) as usize;
+        type Mutation = Box<dyn Fn(&mut Vec<u8>)>;
+        let cases: Vec<(&str, Mutation, &str)> = vec![
+            (
+                "table past the end of the file",
+                Box::new(move |b| {
+                    b[64..72].copy_from_slice(&(len + 4096).next_multiple_of(4096).to_be_bytes())
+                }),
+                "snapshot table",
+            ),
+            (
+                "65536 snapshots running off the file",
+                Box::new(|b| b[60..64].copy_from_slice(&65536u32.to_be_bytes())),
+                "snapshot table",
+            ),
+            (
+                "snapshot L1 table past the end",
+                Box::new(move |b| {
+                    b[table..table + 8]
+                        .copy_from_slice(&(len + (1 << 20)).next_multiple_of(4096).to_be_bytes())
+                }),
+                "L1 table",
+            ),
+            (
+                "snapshot L1 table unaligned",
+                Box::new(move |b| b[table + 7] |= 0x10),
+                "not cluster aligned",
+            ),
+            (
+                "huge snapshot L1",
+                Box::new(move |b| {
+                    b[table + 8..table + 12].copy_from_slice(&u32::MAX.to_be_bytes())
+                }),
+                "l1_size",
+            ),
+            (
+                "huge extra data",
+                Box::new(move |b| {
+                    b[table + 36..table + 40].copy_from_slice(&100_000u32.to_be_bytes())
+                }),
+                "extra data",
+            ),
+        ];
+        for (what, mutate, expect) in cases {
+            let mut b = bytes.clone();
+            mutate(&mut b);
+            let path = dir.path().join("bad.qcow2");
+            std::fs::write(&path, &b).unwrap();
+            for writable in [false, true] {
+                let o = OpenOptions {
+                    writable,
+                    ..OpenOptions::default()
+                };
+                let e = image::open(&path, &o)
+                    .await
+                    .err()
+                    .unwrap_or_else(|| panic!("{what}: opened"));
+                assert_eq!(e.kind(), image::ErrorKind::InvalidImage, "{what}: {e}");
+                assert!(e.to_string().contains(expect), "{what}: {e}");
+            }
+            assert!(std::fs::read(&path).unwrap() == b, "{what}: file changed");
+        }
+    });
+}

@@ -861,9 +861,14 @@ async fn images_with_internal_snapshots_read_and_check_like_qemu() {
     qemu_io(&path, &["write -P 4 2M 128k"]);
     assert_eq!(read_all(&path).await, qemu_raw(&path, dir.path()));
     assert_check_agrees(&path).await;
-    // Writing would need copy-on-write of shared tables: refused by name.
-    let e = image::open(&path, &writable()).await.unwrap_err();
-    assert!(e.to_string().contains("internal snapshots"), "{e}");
+    // Writable: shared clusters are copied first (more in qcow2_features.rs).
+    let img = image::open(&path, &writable()).await.unwrap();
+    img.write(0, Bytes::from(vec![7u8; 4 << 20]), WriteFlags::default())
+        .await
+        .unwrap();
+    img.close().await.unwrap();
+    drop(img);
+    assert_check_agrees(&path).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

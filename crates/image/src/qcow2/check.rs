@@ -217,29 +217,14 @@ fn walk(m: &Meta) -> Result<Walk> {
     w.inc(cb, 0, cs);
     walk_l1(m, &mut w, m.h.l1_table_offset, &m.l1, true)?;
     if m.h.nb_snapshots > 0 {
-        // Snapshot table: fixed 40-byte part, extra data, id, name, padding.
-        let mut off = m.h.snapshots_offset;
-        let start = off;
-        for n in 0..m.h.nb_snapshots {
-            let mut fixed = [0u8; 40];
-            m.st.read_at(&mut fixed, off)
-                .map_err(|e| m.io("read snapshot table", e))?;
-            let l1_off = u64::from_be_bytes(fixed[0..8].try_into().expect("8"));
-            let l1_size = u32::from_be_bytes(fixed[8..12].try_into().expect("4"));
-            let id_len = u16::from_be_bytes(fixed[12..14].try_into().expect("2"));
-            let name_len = u16::from_be_bytes(fixed[14..16].try_into().expect("2"));
-            let extra = u32::from_be_bytes(fixed[36..40].try_into().expect("4"));
-            if u64::from(l1_size) * 8 > super::header::MAX_L1_BYTES || extra > 1 << 16 {
-                return Err(m.corrupt(format!(
-                    "snapshot {n}: l1_size {l1_size} or extra data {extra} out of range"
-                )));
-            }
-            let l1 = read_u64s(m, l1_off, l1_size as usize)?;
-            walk_l1(m, &mut w, l1_off, &l1, false)?;
-            off += (40 + u64::from(extra) + u64::from(id_len) + u64::from(name_len))
-                .next_multiple_of(8);
+        // The snapshot table and every snapshot's L1 and L2 tables.
+        let file_len = m.st.len().map_err(|e| m.io("stat", e))?;
+        let (snaps, len) = super::snapshot::read_table(&*m.st, &m.path, &m.h, file_len)?;
+        for s in &snaps {
+            let l1 = read_u64s(m, s.l1_table_offset, s.l1_size as usize)?;
+            walk_l1(m, &mut w, s.l1_table_offset, &l1, false)?;
         }
-        w.inc(cb, start, off - start);
+        w.inc(cb, m.h.snapshots_offset, len);
     }
     walk_bitmaps(m, &mut w)?;
     w.inc(

@@ -17,6 +17,7 @@ mod check;
 pub mod entry;
 pub mod header;
 mod refcount;
+pub mod snapshot;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -124,6 +125,8 @@ pub(crate) struct Meta {
     /// I/O; queued frees are applied under it exclusively, so a cluster is
     /// never handed to a new owner while a read of its old content runs.
     gate: Arc<RwLock<()>>,
+    /// The snapshot table, as read at open (diskstream never changes it).
+    snapshots: Vec<snapshot::Snapshot>,
 }
 
 /// An open qcow2 image.
@@ -296,16 +299,9 @@ impl Meta {
             )));
         }
         let t = match self.l2_table(i)? {
-            Some(t) => {
-                if self.l1[i] & COPIED == 0 {
-                    return Err(Error::Unsupported {
-                        path: self.path.clone(),
-                        format: "qcow2",
-                        feature: format!("writing a shared L2 table (L1 entry {i})"),
-                    });
-                }
-                t
-            }
+            // Shared with a snapshot: copy it first (snapshot.rs).
+            Some(t) if self.l1[i] & COPIED == 0 => self.cow_l2_table(i, t)?,
+            Some(t) => t,
             None if raw == 0 => return Ok(()),
             None => {
                 let t = self.alloc_clusters(1)?;
@@ -512,15 +508,6 @@ impl Qcow2 {
             if h.has_bitmaps_ext || h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0 {
                 return Err(unsupported(&path, "persistent bitmaps (read-write)".into()));
             }
-            if h.nb_snapshots > 0 {
-                return Err(unsupported(
-                    &path,
-                    format!(
-                        "internal snapshots (read-write; the image has {})",
-                        h.nb_snapshots
-                    ),
-                ));
-            }
         }
         let cs = 1u64 << cluster_bits;
         {
@@ -546,6 +533,8 @@ impl Qcow2 {
                 });
             }
         }
+        let file_len = storage.len().map_err(|e| Error::io(&path, "stat", e))?;
+        let (snapshots, _) = snapshot::read_table(&*storage, &path, &h, file_len)?;
         let l1 = read_u64s(
             &*storage,
             &path,
@@ -579,6 +568,7 @@ impl Qcow2 {
             pending_frees: Vec::new(),
             rc_critical: 0,
             gate: Arc::clone(&gate),
+            snapshots,
         };
         let q = Qcow2 {
             storage,
@@ -1311,6 +1301,10 @@ impl Format for Qcow2 {
             );
         }
         Some(serde_json::json!({ "type": "qcow2", "data": data }))
+    }
+
+    fn snapshots(&self) -> Vec<crate::format::SnapshotInfo> {
+        self.lock().snapshots.iter().map(|s| s.info()).collect()
     }
 
     fn close(&self) -> Result<()> {
