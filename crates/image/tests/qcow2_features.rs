@@ -537,3 +537,103 @@ fn hostile_snapshot_tables_are_refused_cleanly() {
         }
     });
 }
+
+#[test]
+fn zstd_compressed_clusters_read_and_copy_on_write() {
+    with_deadline("zstd", LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.raw");
+        let mut rng = TestRng::new(77);
+        // Compressible and incompressible clusters, and zeros.
+        let mut data = common::patchy(&mut rng, 6 << 20);
+        for (i, b) in data[..2 << 20].iter_mut().enumerate() {
+            *b = (i / 4096) as u8;
+        }
+        std::fs::write(&src, &data).unwrap();
+        for cluster in ["65536", "4096", "2M"] {
+            let z = dir.path().join(format!("z{cluster}.qcow2"));
+            run(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-c",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "qcow2",
+                    "-o",
+                    &format!("compression_type=zstd,cluster_size={cluster}"),
+                    p(&src),
+                    p(&z),
+                ],
+            );
+            assert!(our_specific(&z).await["data"]["compression-type"] == "zstd");
+            assert_eq!(our_specific(&z).await, qemu_specific(&z));
+            let map = run("qemu-img", &["map", "--output=json", p(&z)]);
+            assert!(
+                map.contains("\"compressed\": true"),
+                "{cluster}: no compressed cluster"
+            );
+            {
+                let img = image::open(&z, &OpenOptions::default()).await.unwrap();
+                assert!(common::read_all(&*img).await == data, "{cluster}: read");
+            }
+            assert_check_agrees(&z).await;
+            // Partial writes into compressed clusters copy them first.
+            let content = exercise(&z, 400, 60, data.clone()).await;
+            assert_clean(&z);
+            assert!(qemu_content(&z, None) == content, "{cluster}");
+        }
+    });
+}
+
+#[test]
+fn compression_type_fields_are_checked_like_qemu() {
+    with_deadline("compression type", LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let z = dir.path().join("z.qcow2");
+        qemu_create(&z, "compression_type=zstd", "1M");
+        let good = std::fs::read(&z).unwrap();
+        for (what, byte104, bit, kind, expect) in [
+            (
+                "zstd without the bit",
+                1u8,
+                false,
+                image::ErrorKind::InvalidImage,
+                "bit",
+            ),
+            (
+                "the bit with zlib",
+                0,
+                true,
+                image::ErrorKind::InvalidImage,
+                "zlib",
+            ),
+            (
+                "type 2",
+                2,
+                true,
+                image::ErrorKind::Unsupported,
+                "compression_type 2",
+            ),
+        ] {
+            let mut b = good.clone();
+            b[104] = byte104;
+            if bit {
+                b[79] |= 1 << 3;
+            } else {
+                b[79] &= !(1 << 3);
+            }
+            let path = dir.path().join("bad.qcow2");
+            std::fs::write(&path, &b).unwrap();
+            let e = image::open(&path, &OpenOptions::default())
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{what}: opened"));
+            assert_eq!(e.kind(), kind, "{what}: {e}");
+            assert!(e.to_string().contains(expect), "{what}: {e}");
+            let (code, _) = qemu_img(&["info", p(&path)]);
+            assert_ne!(code, 0, "{what}: qemu-img opens it");
+        }
+    });
+}

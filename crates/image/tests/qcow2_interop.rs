@@ -630,7 +630,7 @@ async fn refuses_what_it_cannot_write() {
         .unwrap_err();
     assert!(e.to_string().contains("crypt_method 1"), "{e}");
 
-    // zstd: read-write refused.
+    // zstd: read and written (more in qcow2_features.rs).
     let z = dir.path().join("z.qcow2");
     run(
         "qemu-img",
@@ -646,8 +646,7 @@ async fn refuses_what_it_cannot_write() {
         ],
     );
     image::open(&z, &OpenOptions::default()).await.unwrap();
-    let e = image::open(&z, &writable()).await.unwrap_err();
-    assert!(e.to_string().contains("compression type"), "{e}");
+    image::open(&z, &writable()).await.unwrap();
 
     // External data file: refused.
     let d = dir.path().join("d.qcow2");

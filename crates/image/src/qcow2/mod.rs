@@ -18,6 +18,7 @@ pub mod entry;
 pub mod header;
 mod refcount;
 pub mod snapshot;
+mod zstd;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -480,19 +481,12 @@ impl Qcow2 {
                 ),
             ));
         }
-        for (bit, always) in [
-            (header::INCOMPAT_EXTL2, true),
-            (header::INCOMPAT_DATA_FILE, true),
-            (header::INCOMPAT_COMPRESSION, false),
-        ] {
-            if h.incompatible_features & bit != 0 && (always || writable) {
-                let mut names = h.feature_names(0, bit);
-                if bit == header::INCOMPAT_COMPRESSION {
-                    names.push(format!("compression_type {}", h.compression_type));
-                }
-                return Err(unsupported(&path, names.join(", ")));
+        for bit in [header::INCOMPAT_EXTL2, header::INCOMPAT_DATA_FILE] {
+            if h.incompatible_features & bit != 0 {
+                return Err(unsupported(&path, h.feature_names(0, bit).join(", ")));
             }
         }
+        header::check_compression_type(&h, &path)?;
         if h.data_file.is_some() {
             return Err(unsupported(&path, "external data file".into()));
         }
@@ -717,17 +711,17 @@ impl Qcow2 {
             unreachable!("read_compressed on a non-compressed entry");
         };
         let ctype = self.compression_type;
-        if ctype != 0 {
-            return Err(unsupported(
-                &self.path,
-                format!("compression_type {ctype} (zstd) for compressed clusters"),
-            ));
-        }
         let len = len.min(2 * self.cluster_size());
         let mut input = vec![0u8; len as usize];
         self.storage
             .read_at(&mut input, host)
             .map_err(|e| self.io("read compressed cluster", e))?;
+        if ctype == header::COMPRESSION_ZSTD {
+            return zstd::decompress(&input, out).map_err(|why| Error::Corrupt {
+                path: self.path.clone(),
+                message: format!("zstd-compressed cluster at host offset {host:#x}: {why}"),
+            });
+        }
         let mut d = flate2::Decompress::new(false);
         let status = d.decompress(&input, out, flate2::FlushDecompress::Finish);
         if d.total_out() as usize != out.len() || status.is_err() {
