@@ -62,6 +62,9 @@ pub struct OpenOptions {
     pub max_depth: u32,
     /// Bytes of qcow2 L2 tables kept in memory; `None` for the default.
     pub metadata_cache_bytes: Option<u64>,
+    /// A read-write open of a qcow2 image with persistent bitmaps discards
+    /// them instead of failing (the top image only).
+    pub drop_bitmaps: bool,
 }
 
 impl Default for OpenOptions {
@@ -75,6 +78,7 @@ impl Default for OpenOptions {
             opener: None,
             max_depth: MAX_CHAIN_DEPTH,
             metadata_cache_bytes: None,
+            drop_bitmaps: false,
         }
     }
 }
@@ -209,12 +213,14 @@ pub async fn open_format(
 ) -> Result<Arc<dyn Format>> {
     let writable = opts.writable;
     let cache_bytes = opts.metadata_cache_bytes;
+    let drop_bitmaps = opts.drop_bitmaps;
     let task = tokio::task::spawn_blocking(move || -> Result<Arc<dyn Format>> {
         Ok(match kind {
             FormatKind::Qcow2 => {
                 let o = qcow2::Qcow2Options {
                     writable,
                     cache_bytes,
+                    drop_bitmaps,
                 };
                 Arc::new(qcow2::Qcow2::open(storage, &o)?)
             }

@@ -637,3 +637,88 @@ fn compression_type_fields_are_checked_like_qemu() {
         }
     });
 }
+
+#[test]
+fn persistent_bitmaps_kept_read_only_refused_read_write_unless_dropped() {
+    with_deadline("bitmaps", LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("bm.qcow2");
+        qemu_create(&a, "cluster_size=4096", "4M");
+        run("qemu-img", &["bitmap", "--add", p(&a), "b0"]);
+        run("qemu-img", &["bitmap", "--add", "-g", "65536", p(&a), "b1"]);
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 1 0 1M",
+                "-c",
+                "write -P 2 3M 64k",
+                p(&a),
+            ],
+        );
+        let before = std::fs::read(&a).unwrap();
+        let content = qemu_content(&a, None);
+        // Read-only: read, checked like qemu-img, file untouched.
+        {
+            let img = image::open(&a, &OpenOptions::default()).await.unwrap();
+            assert!(common::read_all(&*img).await == content);
+        }
+        assert_check_agrees(&a).await;
+        // Read-write: refused by name, file untouched.
+        let e = image::open(&a, &rw())
+            .await
+            .err()
+            .expect("opened read-write");
+        assert_eq!(e.kind(), image::ErrorKind::Unsupported, "{e}");
+        assert!(e.to_string().contains("bitmaps"), "{e}");
+        assert!(e.to_string().contains("--drop-bitmaps"), "{e}");
+        assert!(
+            std::fs::read(&a).unwrap() == before,
+            "a refused open changed the file"
+        );
+        // Asked to drop them: gone for QEMU too, and no leaked clusters.
+        let o = OpenOptions {
+            writable: true,
+            drop_bitmaps: true,
+            ..OpenOptions::default()
+        };
+        let img = image::open(&a, &o).await.unwrap();
+        img.write(8192, Bytes::from(vec![3u8; 8192]), WriteFlags::default())
+            .await
+            .unwrap();
+        img.close().await.unwrap();
+        drop(img);
+        assert_clean(&a);
+        let info = run("qemu-img", &["info", "--output=json", p(&a)]);
+        assert!(!info.contains("bitmaps"), "{info}");
+        let mut expect = content.clone();
+        expect[8192..16384].fill(3);
+        assert!(qemu_content(&a, None) == expect);
+        // QEMU can add bitmaps again.
+        run("qemu-img", &["bitmap", "--add", p(&a), "again"]);
+        assert_clean(&a);
+    });
+}
+
+#[test]
+fn external_data_files_are_refused_by_name() {
+    with_deadline("data file", LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("df.qcow2");
+        let data = dir.path().join("df.raw");
+        qemu_create(&a, &format!("data_file={}", p(&data)), "1M");
+        let before = std::fs::read(&a).unwrap();
+        for writable in [false, true] {
+            let o = OpenOptions {
+                writable,
+                ..OpenOptions::default()
+            };
+            let e = image::open(&a, &o).await.err().expect("opened");
+            assert_eq!(e.kind(), image::ErrorKind::Unsupported, "{e}");
+            assert!(e.to_string().contains("external data file"), "{e}");
+        }
+        assert!(std::fs::read(&a).unwrap() == before);
+    });
+}

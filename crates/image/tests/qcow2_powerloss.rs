@@ -110,6 +110,7 @@ fn power_loss_states(cluster: u64, size: u64, max_write: u64, seed: u64) {
         &Qcow2Options {
             writable: true,
             cache_bytes: Some(cluster * 6),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -209,6 +210,7 @@ fn power_loss_states(cluster: u64, size: u64, max_write: u64, seed: u64) {
                 &Qcow2Options {
                     writable: true,
                     cache_bytes: None,
+                    ..Default::default()
                 },
             )
             .unwrap();

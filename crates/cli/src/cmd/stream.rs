@@ -48,6 +48,10 @@ pub struct StreamArgs {
     /// Output format of the result.
     #[arg(long, default_value = "human", value_parser = ["human", "json"])]
     output: String,
+    /// Discard the overlay's persistent dirty bitmaps (qcow2), which a
+    /// read-write open would otherwise refuse to leave stale.
+    #[arg(long = "drop-bitmaps")]
+    drop_bitmaps: bool,
     /// The overlay to stream.
     image: PathBuf,
 }
@@ -65,6 +69,7 @@ pub async fn run(args: StreamArgs) -> Result<ExitCode> {
     let opts = OpenOptions {
         writable: true,
         cache: args.cache,
+        drop_bitmaps: args.drop_bitmaps,
         ..OpenOptions::default()
     };
     let img = image::open(&args.image, &opts)

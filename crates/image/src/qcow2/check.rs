@@ -140,16 +140,27 @@ const MAX_BITMAP_TABLE: u32 = 1 << 24;
 /// and its data clusters. Like qemu, only while the autoclear bit says the
 /// bitmaps extension is valid.
 fn walk_bitmaps(m: &Meta, w: &mut Walk) -> Result<()> {
+    for (off, len) in bitmap_clusters(m)? {
+        w.inc(m.cluster_bits, off, len);
+    }
+    Ok(())
+}
+
+/// The byte ranges `(offset, length)` persistent bitmaps hold references
+/// on (directory, bitmap tables, data clusters), or none when the autoclear
+/// bit says the bitmaps extension is not valid.
+pub(super) fn bitmap_clusters(m: &Meta) -> Result<Vec<(u64, u64)>> {
     let cb = m.cluster_bits;
+    let mut out = Vec::new();
     if m.h.autoclear_features & super::header::AUTOCLEAR_BITMAPS == 0 {
-        return Ok(());
+        return Ok(out);
     }
     let Some((_, ext)) =
         m.h.other_extensions
             .iter()
             .find(|(ty, _)| *ty == super::header::EXT_BITMAPS)
     else {
-        return Ok(());
+        return Ok(out);
     };
     if ext.len() < 24 {
         return Err(m.corrupt(format!(
@@ -168,7 +179,7 @@ fn walk_bitmaps(m: &Meta, w: &mut Walk) -> Result<()> {
     let mut dir = vec![0u8; dir_size as usize];
     m.st.read_at(&mut dir, dir_off)
         .map_err(|e| m.io("read bitmap directory", e))?;
-    w.inc(cb, dir_off, dir_size);
+    out.push((dir_off, dir_size));
     let mut at = 0usize;
     for n in 0..nb {
         if at + 24 > dir.len() {
@@ -184,16 +195,16 @@ fn walk_bitmaps(m: &Meta, w: &mut Walk) -> Result<()> {
                 "bitmap {n}: table size {table_size} is above {MAX_BITMAP_TABLE}"
             )));
         }
-        w.inc(cb, table_off, u64::from(table_size) * 8);
+        out.push((table_off, u64::from(table_size) * 8));
         for entry in read_u64s(m, table_off, table_size as usize)? {
             let off = entry & OFFSET_MASK;
             if off != 0 {
-                w.inc(cb, off, 1 << cb);
+                out.push((off, 1 << cb));
             }
         }
         at += (24 + extra as usize + name_size as usize).next_multiple_of(8);
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Computes the expected refcounts of every cluster.

@@ -12,6 +12,7 @@
 //! their refcounts drop after the L2 change that released them is durable,
 //! so a cluster is never reused while an on-disk L2 entry still points at it.
 
+mod bitmaps;
 mod cache;
 mod check;
 pub mod entry;
@@ -46,6 +47,10 @@ pub struct Qcow2Options {
     pub writable: bool,
     /// Bytes of L2 tables to cache (refcount blocks get a quarter of it).
     pub cache_bytes: Option<u64>,
+    /// A read-write open of an image with persistent bitmaps discards them
+    /// (frees their clusters, drops the extension and its autoclear bit)
+    /// instead of refusing to open.
+    pub drop_bitmaps: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -499,8 +504,13 @@ impl Qcow2 {
                         .into(),
                 });
             }
-            if h.has_bitmaps_ext || h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0 {
-                return Err(unsupported(&path, "persistent bitmaps (read-write)".into()));
+            if bitmaps::valid(&h) && !opts.drop_bitmaps {
+                return Err(unsupported(
+                    &path,
+                    "persistent dirty bitmaps on a read-write open (diskstream would leave them \
+                     stale; read-only opens keep them; --drop-bitmaps discards them)"
+                        .into(),
+                ));
             }
         }
         let cs = 1u64 << cluster_bits;
@@ -576,7 +586,10 @@ impl Qcow2 {
             gate,
             closed: AtomicBool::new(false),
         };
-        if writable && h.autoclear_features != 0 {
+        if writable && opts.drop_bitmaps && bitmaps::valid(&h) {
+            q.lock().drop_bitmaps()?;
+        }
+        if writable && q.lock().h.autoclear_features != 0 {
             // Autoclear bits name extensions a writer that does not keep
             // them up to date must invalidate (bitmaps were refused above).
             let mut m = q.lock();
