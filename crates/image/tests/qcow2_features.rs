@@ -667,10 +667,9 @@ fn persistent_bitmaps_kept_read_only_refused_read_write_unless_dropped() {
         }
         assert_check_agrees(&a).await;
         // Read-write: refused by name, file untouched.
-        let e = image::open(&a, &rw())
-            .await
-            .err()
-            .expect("opened read-write");
+        let Err(e) = image::open(&a, &rw()).await else {
+            panic!("opened read-write");
+        };
         assert_eq!(e.kind(), image::ErrorKind::Unsupported, "{e}");
         assert!(e.to_string().contains("bitmaps"), "{e}");
         assert!(e.to_string().contains("--drop-bitmaps"), "{e}");
@@ -715,7 +714,9 @@ fn external_data_files_are_refused_by_name() {
                 writable,
                 ..OpenOptions::default()
             };
-            let e = image::open(&a, &o).await.err().expect("opened");
+            let Err(e) = image::open(&a, &o).await else {
+                panic!("opened");
+            };
             assert_eq!(e.kind(), image::ErrorKind::Unsupported, "{e}");
             assert!(e.to_string().contains("external data file"), "{e}");
         }
