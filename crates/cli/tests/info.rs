@@ -203,3 +203,34 @@ fn qcow2_feature_fields_and_snapshots_match_qemu_img() {
         assert!(check.status.success(), "{name}: {}", stderr(&check));
     }
 }
+
+#[test]
+fn qcow2_bitmaps_in_info_match_qemu_img() {
+    let d = Dir::new();
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "bm.qcow2", "1M"],
+    );
+    qemu_ok(&d, "qemu-img", &["bitmap", "--add", "bm.qcow2", "b0"]);
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["bitmap", "--add", "-g", "1M", "--disable", "bm.qcow2", "b1"],
+    );
+    qemu_io(&d, "qcow2", "bm.qcow2", &["write -P 1 0 64k"]);
+    let ours = same_info(&d, "bm.qcow2");
+    let list = ours.pointer("/format-specific/data/bitmaps").unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{ours}");
+    // Key order too: the JSON text of format-specific equals qemu-img's.
+    let text = ds_ok(&d, &["info", "--output", "json", "bm.qcow2"]);
+    let qtext = qemu_ok(&d, "qemu-img", &["info", "--output=json", "bm.qcow2"]);
+    let spec = |t: &str| {
+        let s = t
+            .find("\"format-specific\": {\n        \"type\": \"qcow2\"")
+            .unwrap();
+        let e = s + t[s..].find("\n    },").unwrap();
+        t[s..e].split_whitespace().collect::<String>()
+    };
+    assert_eq!(spec(&text), spec(&qtext));
+}

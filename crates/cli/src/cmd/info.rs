@@ -234,15 +234,20 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
 
 /// Keys in the order qemu-img 10 prints them (its QDict iteration order),
 /// for the objects it prints; other keys follow in name order.
-const QEMU_KEY_ORDER: [&str; 8] = [
+const QEMU_KEY_ORDER: [&str; 12] = [
     "type",
     "data",
     "compat",
     "compression-type",
     "lazy-refcounts",
+    "bitmaps",
     "refcount-bits",
     "corrupt",
     "extended-l2",
+    // In each `bitmaps` entry.
+    "flags",
+    "name",
+    "granularity",
 ];
 
 /// A JSON value whose object keys serialize in [`QEMU_KEY_ORDER`].

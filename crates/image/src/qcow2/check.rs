@@ -130,8 +130,6 @@ fn walk_l1(m: &Meta, w: &mut Walk, l1_off: u64, l1: &[u64], active: bool) -> Res
     Ok(())
 }
 
-/// Same limit as qemu (QCOW2_MAX_BITMAP_DIRECTORY_SIZE).
-const MAX_BITMAP_DIRECTORY: u64 = 1024 * 65536;
 /// Bitmap tables are at most this many entries here (qemu's own bound is
 /// derived from the image size; this one only keeps allocations sane).
 const MAX_BITMAP_TABLE: u32 = 1 << 24;
@@ -152,57 +150,24 @@ fn walk_bitmaps(m: &Meta, w: &mut Walk) -> Result<()> {
 pub(super) fn bitmap_clusters(m: &Meta) -> Result<Vec<(u64, u64)>> {
     let cb = m.cluster_bits;
     let mut out = Vec::new();
-    if m.h.autoclear_features & super::header::AUTOCLEAR_BITMAPS == 0 {
-        return Ok(out);
-    }
-    let Some((_, ext)) =
-        m.h.other_extensions
-            .iter()
-            .find(|(ty, _)| *ty == super::header::EXT_BITMAPS)
-    else {
+    let Some((dir_off, dir_size, entries)) = super::bitmaps::directory(m)? else {
         return Ok(out);
     };
-    if ext.len() < 24 {
-        return Err(m.corrupt(format!(
-            "bitmaps extension of {} bytes is too short",
-            ext.len()
-        )));
-    }
-    let nb = u32::from_be_bytes(ext[0..4].try_into().expect("4"));
-    let dir_size = u64::from_be_bytes(ext[8..16].try_into().expect("8"));
-    let dir_off = u64::from_be_bytes(ext[16..24].try_into().expect("8"));
-    if dir_size > MAX_BITMAP_DIRECTORY {
-        return Err(m.corrupt(format!(
-            "bitmap directory size {dir_size} is above {MAX_BITMAP_DIRECTORY}"
-        )));
-    }
-    let mut dir = vec![0u8; dir_size as usize];
-    m.st.read_at(&mut dir, dir_off)
-        .map_err(|e| m.io("read bitmap directory", e))?;
     out.push((dir_off, dir_size));
-    let mut at = 0usize;
-    for n in 0..nb {
-        if at + 24 > dir.len() {
-            return Err(m.corrupt(format!("bitmap directory entry {n} is past its end")));
-        }
-        let e = &dir[at..at + 24];
-        let table_off = u64::from_be_bytes(e[0..8].try_into().expect("8"));
-        let table_size = u32::from_be_bytes(e[8..12].try_into().expect("4"));
-        let name_size = u16::from_be_bytes(e[18..20].try_into().expect("2"));
-        let extra = u32::from_be_bytes(e[20..24].try_into().expect("4"));
-        if table_size > MAX_BITMAP_TABLE {
+    for (n, e) in entries.iter().enumerate() {
+        if e.table_size > MAX_BITMAP_TABLE {
             return Err(m.corrupt(format!(
-                "bitmap {n}: table size {table_size} is above {MAX_BITMAP_TABLE}"
+                "bitmap {n}: table size {} is above {MAX_BITMAP_TABLE}",
+                e.table_size
             )));
         }
-        out.push((table_off, u64::from(table_size) * 8));
-        for entry in read_u64s(m, table_off, table_size as usize)? {
+        out.push((e.table_offset, u64::from(e.table_size) * 8));
+        for entry in read_u64s(m, e.table_offset, e.table_size as usize)? {
             let off = entry & OFFSET_MASK;
             if off != 0 {
                 out.push((off, 1 << cb));
             }
         }
-        at += (24 + extra as usize + name_size as usize).next_multiple_of(8);
     }
     Ok(out)
 }

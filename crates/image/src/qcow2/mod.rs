@@ -1296,6 +1296,9 @@ impl Format for Qcow2 {
                 (h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0).into(),
             );
         }
+        if let Some(b) = bitmaps::info_json(&m) {
+            data.insert("bitmaps".into(), b);
+        }
         data.insert("refcount-bits".into(), (1u64 << h.refcount_order).into());
         if v3 {
             data.insert(
