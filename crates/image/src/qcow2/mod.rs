@@ -11,6 +11,9 @@
 //! sync, L1 table, sync. Clusters freed by a request are only queued, and
 //! their refcounts drop after the L2 change that released them is durable,
 //! so a cluster is never reused while an on-disk L2 entry still points at it.
+//! With lazy refcounts the refcount writes are deferred instead, behind the
+//! dirty bit (refcount.rs); clusters and L2 tables shared with internal
+//! snapshots are copied before a write (snapshot.rs).
 
 mod bitmaps;
 mod cache;
