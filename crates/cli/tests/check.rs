@@ -121,3 +121,25 @@ fn an_image_that_does_not_open_exits_1() {
     assert_eq!(code(&o), 1);
     assert!(stderr(&o).contains("missing.qcow2"));
 }
+
+#[test]
+fn check_repair_refuses_bitmaps_unless_told_to_drop_them() {
+    let d = Dir::new();
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "bm.qcow2", "1M"],
+    );
+    qemu_ok(&d, "qemu-img", &["bitmap", "--add", "bm.qcow2", "b0"]);
+    qemu_io(&d, "qcow2", "bm.qcow2", &["write -P 1 0 64k"]);
+    let o = ds(&d, &["check", "-r", "leaks", "bm.qcow2"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--drop-bitmaps"), "{}", stderr(&o));
+    // Read-only check is fine and leaves the bitmap.
+    ds_ok(&d, &["check", "bm.qcow2"]);
+    assert!(qemu_ok(&d, "qemu-img", &["info", "bm.qcow2"]).contains("b0"));
+    ds_ok(&d, &["check", "-r", "leaks", "--drop-bitmaps", "bm.qcow2"]);
+    assert!(!qemu_ok(&d, "qemu-img", &["info", "bm.qcow2"]).contains("bitmaps"));
+    let c = qemu(&d, "qemu-img", &["check", "bm.qcow2"]);
+    assert!(c.status.success(), "{}", stderr(&c));
+}

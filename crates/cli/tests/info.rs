@@ -213,3 +213,78 @@ fn extended_l2_info_matches_qemu_img() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("16384"), "{}", stderr(&o));
 }
+
+/// The block qemu-img prints from "Snapshot list:" up to the next heading.
+fn snapshot_block(text: &str) -> String {
+    let Some(start) = text.find("Snapshot list:") else {
+        return String::new();
+    };
+    text[start..]
+        .lines()
+        .take_while(|l| !l.starts_with("Format specific") && !l.starts_with("local data"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn qcow2_feature_fields_and_snapshots_match_qemu_img() {
+    let d = Dir::new();
+    for (name, opts) in [
+        ("v2.qcow2", "compat=0.10"),
+        ("r1.qcow2", "refcount_bits=1"),
+        ("r64.qcow2", "refcount_bits=64,lazy_refcounts=on"),
+        ("snap.qcow2", "cluster_size=4096"),
+        ("snapv2.qcow2", "compat=0.10,cluster_size=4096"),
+    ] {
+        ds_ok(&d, &["create", "-q", "-f", "qcow2", "-o", opts, name, "2M"]);
+        qemu_io(&d, "qcow2", name, &["write -P 3 0 64k"]);
+        if name.starts_with("snap") {
+            qemu_ok(&d, "qemu-img", &["snapshot", "-c", "first", name]);
+            qemu_io(&d, "qcow2", name, &["write -P 4 0 4k"]);
+            qemu_ok(&d, "qemu-img", &["snapshot", "-c", "second", name]);
+        }
+        let ours = same_info(&d, name);
+        let theirs = json(&qemu_ok(&d, "qemu-img", &["info", "--output=json", name]));
+        assert_eq!(ours.get("snapshots"), theirs.get("snapshots"), "{name}");
+        let human = ds_ok(&d, &["info", name]);
+        let qemu_human = qemu_ok(&d, "qemu-img", &["info", name]);
+        assert_eq!(
+            snapshot_block(&human),
+            snapshot_block(&qemu_human),
+            "{name}"
+        );
+        let check = qemu(&d, "qemu-img", &["check", name]);
+        assert!(check.status.success(), "{name}: {}", stderr(&check));
+    }
+}
+
+#[test]
+fn qcow2_bitmaps_in_info_match_qemu_img() {
+    let d = Dir::new();
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "bm.qcow2", "1M"],
+    );
+    qemu_ok(&d, "qemu-img", &["bitmap", "--add", "bm.qcow2", "b0"]);
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["bitmap", "--add", "-g", "1M", "--disable", "bm.qcow2", "b1"],
+    );
+    qemu_io(&d, "qcow2", "bm.qcow2", &["write -P 1 0 64k"]);
+    let ours = same_info(&d, "bm.qcow2");
+    let list = ours.pointer("/format-specific/data/bitmaps").unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{ours}");
+    // Key order too: the JSON text of format-specific equals qemu-img's.
+    let text = ds_ok(&d, &["info", "--output", "json", "bm.qcow2"]);
+    let qtext = qemu_ok(&d, "qemu-img", &["info", "--output=json", "bm.qcow2"]);
+    let spec = |t: &str| {
+        let s = t
+            .find("\"format-specific\": {\n        \"type\": \"qcow2\"")
+            .unwrap();
+        let e = s + t[s..].find("\n    },").unwrap();
+        t[s..e].split_whitespace().collect::<String>()
+    };
+    assert_eq!(spec(&text), spec(&qtext));
+}

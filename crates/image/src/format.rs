@@ -71,6 +71,19 @@ pub enum Repair {
     All,
 }
 
+/// One internal snapshot, as `qemu-img info` lists it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    pub vm_state_size: u64,
+    pub date_sec: u64,
+    pub date_nsec: u64,
+    pub vm_clock_nsec: u64,
+    /// `None` where the snapshot records none (qemu: -1 or no field).
+    pub icount: Option<u64>,
+}
+
 /// The result of a consistency check, with qemu-img's counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -169,6 +182,11 @@ pub trait Format: Send + Sync + Debug {
     /// The `format-specific` object of `info --output json`, as qemu-img
     /// prints it (`{"type": "qcow2", "data": {...}}`), or `None`.
     fn format_specific(&self) -> Option<serde_json::Value>;
+
+    /// The internal snapshots of the image (qcow2), oldest first.
+    fn snapshots(&self) -> Vec<SnapshotInfo> {
+        Vec::new()
+    }
 
     /// Flushes and marks the image clean (clears dirty / need-check flags).
     /// Called once when the image is closed; later calls do nothing.

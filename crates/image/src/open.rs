@@ -68,6 +68,9 @@ pub struct OpenOptions {
     pub max_depth: u32,
     /// Bytes of qcow2 L2 tables kept in memory; `None` for the default.
     pub metadata_cache_bytes: Option<u64>,
+    /// A read-write open of a qcow2 image with persistent bitmaps discards
+    /// them instead of failing (the top image only).
+    pub drop_bitmaps: bool,
 }
 
 impl Default for OpenOptions {
@@ -82,6 +85,7 @@ impl Default for OpenOptions {
             opener: None,
             max_depth: MAX_CHAIN_DEPTH,
             metadata_cache_bytes: None,
+            drop_bitmaps: false,
         }
     }
 }
@@ -222,12 +226,14 @@ pub async fn open_format(
 ) -> Result<Arc<dyn Format>> {
     let writable = opts.writable;
     let cache_bytes = opts.metadata_cache_bytes;
+    let drop_bitmaps = opts.drop_bitmaps;
     let task = tokio::task::spawn_blocking(move || -> Result<Arc<dyn Format>> {
         Ok(match kind {
             FormatKind::Qcow2 => {
                 let o = qcow2::Qcow2Options {
                     writable,
                     cache_bytes,
+                    drop_bitmaps,
                 };
                 Arc::new(qcow2::Qcow2::open(storage, &o)?)
             }
@@ -408,6 +414,8 @@ pub struct CreateOptions {
     /// qcow2 extended L2 entries (subclusters).
     pub extended_l2: bool,
     pub cache: CacheMode,
+    /// qcow2 on-disk features (`compat`, `refcount_bits`, `lazy_refcounts`).
+    pub qcow2_features: qcow2::Features,
 }
 
 /// Creates an image file. The file must not be left half-made: on error it
@@ -458,7 +466,7 @@ pub async fn create(path: &Path, kind: FormatKind, opts: &CreateOptions) -> Resu
     let result = tokio::task::spawn_blocking(move || -> Result<()> {
         let storage = FileStorage::create(&p, o.cache).map_err(|e| Error::io(&p, "create", e))?;
         match kind {
-            FormatKind::Qcow2 => qcow2::create(
+            FormatKind::Qcow2 => qcow2::create_with(
                 &storage,
                 &qcow2::CreateOptions {
                     size,
@@ -466,6 +474,7 @@ pub async fn create(path: &Path, kind: FormatKind, opts: &CreateOptions) -> Resu
                     backing: o.backing.clone(),
                     extended_l2: o.extended_l2,
                 },
+                &o.qcow2_features,
             ),
             FormatKind::Qed => qed::create(
                 &storage,

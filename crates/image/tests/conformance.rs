@@ -1016,3 +1016,135 @@ async fn case_qcow2_over_qed_backing() {
     assert_eq!(f.dev.info().layers, 3);
     suite(f).await;
 }
+
+// ---- qcow2 on-disk features (refcount widths, compat=0.10, lazy
+// refcounts) -----------------------------------------------------------------
+
+async fn qcow2_fixture_with(
+    name: &'static str,
+    size: u64,
+    cluster: u64,
+    backing: Option<(&str, &str)>,
+    initial: Vec<u8>,
+    dir: tempfile::TempDir,
+    features: image::qcow2::Features,
+) -> Fixture {
+    let path = p(dir.path(), "top.qcow2");
+    create(
+        &path,
+        FormatKind::Qcow2,
+        &CreateOptions {
+            size: Some(size),
+            cluster_size: Some(cluster),
+            backing: backing.map(|(n, f)| BackingSpec {
+                name: n.into(),
+                format: Some(f.into()),
+            }),
+            qcow2_features: features,
+            ..CreateOptions::default()
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{name}: create: {e}"));
+    let img = open_rw(&path).await;
+    let below = img.backing();
+    Fixture {
+        name,
+        dev: img,
+        below,
+        initial,
+        top: FormatKind::Qcow2,
+        path,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn conformance_qcow2_lazy_refcounts_over_raw_backing() {
+    with_deadline("conformance_qcow2_lazy_refcounts", SUITE_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4u64 << 20;
+        let content = patchy(&mut TestRng::new(21), size as usize);
+        raw_file(&p(dir.path(), "base.raw"), &content);
+        let f = qcow2_fixture_with(
+            "qcow2-lazy-refcounts",
+            size,
+            64 << 10,
+            Some(("base.raw", "raw")),
+            content,
+            dir,
+            image::qcow2::Features {
+                lazy_refcounts: true,
+                ..Default::default()
+            },
+        )
+        .await;
+        suite(f).await;
+    });
+}
+
+#[test]
+fn conformance_qcow2_64bit_refcounts_512b_clusters() {
+    with_deadline("conformance_qcow2_64bit_refcounts", SUITE_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 2u64 << 20;
+        let f = qcow2_fixture_with(
+            "qcow2-refcount-bits-64",
+            size,
+            512,
+            None,
+            vec![0; size as usize],
+            dir,
+            image::qcow2::Features {
+                refcount_bits: Some(64),
+                ..Default::default()
+            },
+        )
+        .await;
+        suite(f).await;
+    });
+}
+
+#[test]
+fn conformance_qcow2_1bit_refcounts() {
+    with_deadline("conformance_qcow2_1bit_refcounts", SUITE_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4u64 << 20;
+        let f = qcow2_fixture_with(
+            "qcow2-refcount-bits-1",
+            size,
+            4096,
+            None,
+            vec![0; size as usize],
+            dir,
+            image::qcow2::Features {
+                refcount_bits: Some(1),
+                ..Default::default()
+            },
+        )
+        .await;
+        suite(f).await;
+    });
+}
+
+#[test]
+fn conformance_qcow2_compat_0_10() {
+    with_deadline("conformance_qcow2_compat_0_10", SUITE_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4u64 << 20;
+        let f = qcow2_fixture_with(
+            "qcow2-compat-0.10",
+            size,
+            64 << 10,
+            None,
+            vec![0; size as usize],
+            dir,
+            image::qcow2::Features {
+                version_2: true,
+                ..Default::default()
+            },
+        )
+        .await;
+        suite(f).await;
+    });
+}

@@ -130,11 +130,14 @@ fn journaled(dir: &Path) -> Option<u64> {
 }
 
 async fn crash_iterations(kind: FormatKind) {
-    crash_iterations_on(kind, false).await
+    crash_iterations_with(kind, image::qcow2::Features::default(), false).await
 }
 
-/// Kills on `kind` images; qcow2 ones with extended L2 entries if `xl2`.
-async fn crash_iterations_on(kind: FormatKind, xl2: bool) {
+/// The crash iterations on `kind` images; qcow2 ones created with
+/// `features`, and with extended L2 entries if `xl2`.
+async fn crash_iterations_with(kind: FormatKind, features: image::qcow2::Features, xl2: bool) {
+    let lazy = features.lazy_refcounts;
+    let mut dirty_compared = 0;
     let iters = env_count("DS_CRASH_ITERS", 4);
     let shift = env_count("DS_SEED", 0);
     let mut total_batches = 0;
@@ -169,6 +172,7 @@ async fn crash_iterations_on(kind: FormatKind, xl2: bool) {
                             name: "base.raw".into(),
                             format: Some("raw".into()),
                         }),
+                        qcow2_features: features.clone(),
                         ..CreateOptions::default()
                     },
                 )
@@ -239,6 +243,14 @@ async fn crash_iterations_on(kind: FormatKind, xl2: bool) {
 
         if kind == FormatKind::Qcow2 {
             let bytes = std::fs::read(&disk).unwrap();
+            if lazy && qcow2_dirty(&bytes) {
+                // Before the repair our check sees the stale refcounts as
+                // qemu-img does.
+                check_agrees_with_qemu(&disk)
+                    .await
+                    .unwrap_or_else(|e| panic!("{ctx}: before the repair: {e}"));
+                dirty_compared += 1;
+            }
             if qcow2_dirty(&bytes) {
                 // qemu-img check does not repair first; our open does.
                 let img = open(&disk, &writable())
@@ -291,9 +303,16 @@ async fn crash_iterations_on(kind: FormatKind, xl2: bool) {
         }
     }
     eprintln!(
-        "crash {}: {iters} kills, {total_batches} journaled batches verified",
+        "crash {}: {iters} kills, {total_batches} journaled batches verified, {dirty_compared} \
+         dirty images checked like qemu-img before the repair",
         kind.name()
     );
+    if lazy {
+        assert!(
+            dirty_compared > 0 || iters < 4,
+            "no kill left a lazy-refcounts image dirty"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -316,5 +335,18 @@ async fn process_crash_qed_overlay_keeps_journaled_writes() {
 /// The same kills on overlays with extended L2 entries (subclusters).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_crash_qcow2_xl2_overlay_keeps_journaled_writes() {
-    crash_iterations_on(FormatKind::Qcow2, true).await;
+    crash_iterations_with(FormatKind::Qcow2, image::qcow2::Features::default(), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_crash_qcow2_lazy_refcounts_keeps_journaled_writes() {
+    crash_iterations_with(
+        FormatKind::Qcow2,
+        image::qcow2::Features {
+            lazy_refcounts: true,
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
 }

@@ -93,14 +93,14 @@ async fn check_against(dev: &Image, model: &mut ContentModel, ctx: &str) {
 }
 
 async fn run_seed(seed: u64) {
-    run_seed_on(seed, false).await
+    run_seed_with(seed, "").await
 }
 
-/// One seed on an overlay with standard or extended (`xl2`) L2 entries.
-async fn run_seed_on(seed: u64, xl2: bool) {
+/// One seed on a top image made with the extra `-o` options `opts`.
+async fn run_seed_with(seed: u64, opts: &str) {
     let mut rng = TestRng::new(seed);
     let dir = tempfile::tempdir().unwrap();
-    let cluster = if xl2 {
+    let cluster = if opts.contains("extended_l2=on") {
         *rng.pick(&[16384u64, 65536])
     } else {
         *rng.pick(&[512u64, 4096, 65536])
@@ -127,19 +127,12 @@ async fn run_seed_on(seed: u64, xl2: bool) {
     } else {
         ("base.raw", "raw")
     };
-    let ctx = format!(
-        "seed {seed} (cluster {cluster}{}, {bfmt} backing of {bsize} bytes)",
-        if xl2 { ", extended L2" } else { "" }
-    );
+    let ctx =
+        format!("seed {seed} (cluster {cluster}, {bfmt} backing of {bsize} bytes; -o {opts})");
     let top = dir.path().join("top.qcow2");
     // Made by qemu-img: this test is about I/O; our create is covered by
     // the conformance suite.
-    let bytes = if xl2 {
-        let opts = format!("cluster_size={cluster},extended_l2=on");
-        qemu_qcow2_bytes_opts(size, &opts, Some((bname, bfmt)))
-    } else {
-        qemu_qcow2_bytes(size, cluster, Some((bname, bfmt)))
-    };
+    let bytes = qemu_qcow2_bytes_with(size, cluster, Some((bname, bfmt)), opts);
     std::fs::write(&top, bytes).unwrap();
     let mut initial = content.clone();
     initial.resize(size as usize, 0);
@@ -302,7 +295,7 @@ fn model_random_ops_on_qcow2_xl2_overlay() {
         with_deadline(
             &format!("model xl2 seed {seed}"),
             std::time::Duration::from_secs(60),
-            run_seed_on(seed, true),
+            run_seed_with(seed, "extended_l2=on"),
         );
     }
 }
@@ -437,6 +430,35 @@ fn model_random_ops_on_qed_overlay() {
             &format!("qed model seed {seed}"),
             std::time::Duration::from_secs(60),
             run_seed_qed(seed),
+        );
+    }
+}
+
+#[test]
+fn model_random_ops_on_qcow2_lazy_refcounts() {
+    let seeds = env_count("DS_SEEDS", 3);
+    let shift = env_count("DS_SEED", 0);
+    for s in 0..seeds {
+        let seed = shift.wrapping_add(s).wrapping_add(1000);
+        with_deadline(
+            &format!("model lazy refcounts seed {seed}"),
+            std::time::Duration::from_secs(60),
+            run_seed_with(seed, "lazy_refcounts=on"),
+        );
+    }
+}
+
+#[test]
+fn model_random_ops_on_qcow2_refcount_widths() {
+    let seeds = env_count("DS_SEEDS", 3);
+    let shift = env_count("DS_SEED", 0);
+    for s in 0..seeds {
+        let seed = shift.wrapping_add(s).wrapping_add(2000);
+        let bits = [1, 2, 4, 8, 32, 64][(seed % 6) as usize];
+        with_deadline(
+            &format!("model refcount_bits={bits} seed {seed}"),
+            std::time::Duration::from_secs(60),
+            run_seed_with(seed, &format!("refcount_bits={bits}")),
         );
     }
 }

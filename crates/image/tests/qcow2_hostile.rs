@@ -26,6 +26,7 @@ fn small_image() -> Vec<u8> {
         &Qcow2Options {
             writable: true,
             cache_bytes: None,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -79,6 +80,7 @@ fn writes_to_mutated_images_never_panic() {
         let opts = Qcow2Options {
             writable: true,
             cache_bytes: Some(4096 * 4),
+            ..Default::default()
         };
         let Ok(q) = Qcow2::open(st as Arc<dyn Storage>, &opts) else {
             continue;

@@ -111,6 +111,7 @@ fn power_loss_states(cluster: u64, size: u64, max_write: u64, seed: u64) {
         &Qcow2Options {
             writable: true,
             cache_bytes: Some(cluster * 6),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -210,6 +211,7 @@ fn power_loss_states(cluster: u64, size: u64, max_write: u64, seed: u64) {
                 &Qcow2Options {
                     writable: true,
                     cache_bytes: None,
+                    ..Default::default()
                 },
             )
             .unwrap();

@@ -373,6 +373,7 @@ fn small_xl2() -> (Vec<u8>, u64) {
         &Qcow2Options {
             writable: true,
             cache_bytes: None,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -447,6 +448,7 @@ fn hostile_extended_entries_give_clear_errors() {
             &Qcow2Options {
                 writable: true,
                 cache_bytes: None,
+                ..Default::default()
             },
         )
         .unwrap();

@@ -28,6 +28,10 @@ pub struct Args {
     /// Repair: `leaks` or `all`.
     #[arg(short = 'r', long = "repair", value_enum)]
     repair: Option<RepairArg>,
+    /// With -r: discard the image's persistent dirty bitmaps (qcow2), which
+    /// a read-write open would otherwise refuse to leave stale.
+    #[arg(long = "drop-bitmaps")]
+    drop_bitmaps: bool,
     #[command(flatten)]
     common: ImageArgs,
 }
@@ -83,6 +87,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         force_share: a.common.force_share,
         format: a.common.format.clone(),
         backing: BackingChoice::None,
+        drop_bitmaps: a.drop_bitmaps,
         ..OpenOptions::default()
     };
     let img: std::sync::Arc<Image> = image::open(path, &opts)

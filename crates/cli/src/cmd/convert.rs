@@ -74,6 +74,9 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     let dst_path = &a.dst;
     let kind = FormatKind::parse(&a.out_format).map_err(|e| file_error(dst_path, e))?;
     let fo = parse_options(a.options.as_deref(), dst_path, kind)?;
+    fo.qcow2
+        .refcount_order(dst_path)
+        .map_err(|e| file_error(dst_path, e))?;
     let src = open_chain(&a.src, a.format.clone(), a.force_share).await?;
     let layers = walk_chain(&a.src, a.format.clone(), true).await?;
     for layer in &layers {
@@ -96,6 +99,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         table_size: fo.table_size,
         extended_l2: fo.extended_l2,
         cache: a.cache,
+        qcow2_features: fo.qcow2.clone(),
         ..CreateOptions::default()
     };
     image::create(dst_path, kind, &copts)

@@ -34,9 +34,11 @@ pub struct Args {
     /// Format of the backing file (required with -b; never probed).
     #[arg(short = 'F', long = "backing-format")]
     backing_format: Option<String>,
-    /// Format options, comma separated: cluster_size=N (qcow2; a power of
+    /// Format options, comma separated. qcow2: cluster_size=N (a power of
     /// two from 512 bytes to 2 MiB, suffixes allowed), extended_l2=on|off
-    /// (qcow2 subclusters; clusters of at least 16 KiB).
+    /// (subclusters; clusters of at least 16 KiB), compat=0.10|1.1,
+    /// refcount_bits=1|2|4|8|16|32|64, lazy_refcounts=on|off. qed:
+    /// cluster_size=N (4 KiB to 64 MiB), table_size=N (clusters, 1 to 16).
     #[arg(short = 'o', long = "options")]
     options: Option<String>,
     /// Do not print the "Formatting ..." line.
@@ -61,6 +63,18 @@ pub struct FormatOptions {
     pub table_size: Option<u32>,
     /// qcow2 extended L2 entries (subclusters).
     pub extended_l2: bool,
+    /// On-disk qcow2 features (compat, refcount_bits, lazy_refcounts).
+    pub qcow2: image::qcow2::Features,
+    /// The feature options given, as `key=value` for the "Formatting" line.
+    pub given: Vec<String>,
+}
+
+fn on_off(k: &str, v: &str, image: &std::path::Path) -> anyhow::Result<bool> {
+    match v {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => anyhow::bail!("{}: {k}: expected on or off, not '{v}'", image.display()),
+    }
 }
 
 /// Parses `-o key=value[,key=value...]` for an image of format `kind`.
@@ -118,13 +132,46 @@ pub fn parse_options(
                     ),
                 };
             }
-            ("cluster_size" | "table_size" | "extended_l2", _) => anyhow::bail!(
+            ("compat", FormatKind::Qcow2) => {
+                o.qcow2.version_2 = match v {
+                    "0.10" | "v2" => true,
+                    "1.1" | "v3" => false,
+                    _ => anyhow::bail!(
+                        "{}: compat: expected 0.10 or 1.1, not '{v}'",
+                        image.display()
+                    ),
+                };
+                o.given.push(format!("compat={v}"));
+            }
+            ("refcount_bits", FormatKind::Qcow2) => {
+                let n: u32 = v.parse().map_err(|_| {
+                    anyhow::anyhow!("{}: refcount_bits: not a number: '{v}'", image.display())
+                })?;
+                if !n.is_power_of_two() || n > 64 {
+                    anyhow::bail!(
+                        "{}: refcount_bits {n} must be a power of two from 1 to 64",
+                        image.display()
+                    );
+                }
+                o.qcow2.refcount_bits = Some(n);
+                o.given.push(format!("refcount_bits={n}"));
+            }
+            ("lazy_refcounts", FormatKind::Qcow2) => {
+                o.qcow2.lazy_refcounts = on_off(k, v, image)?;
+                o.given.push(format!("lazy_refcounts={v}"));
+            }
+            (
+                "cluster_size" | "table_size" | "extended_l2" | "compat" | "refcount_bits"
+                | "lazy_refcounts",
+                _,
+            ) => anyhow::bail!(
                 "{}: {k} is not an option of {} images",
                 image.display(),
                 kind.name()
             ),
             _ => anyhow::bail!(
-                "{}: unknown option '{k}' (known: cluster_size, extended_l2 for qcow2, table_size for qed)",
+                "{}: unknown option '{k}' (known: cluster_size, extended_l2, compat, \
+                 refcount_bits, lazy_refcounts for qcow2; cluster_size, table_size for qed)",
                 image.display()
             ),
         }
@@ -140,6 +187,10 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let fo = parse_options(a.options.as_deref(), path, kind)?;
+    // Same rules as qemu-img, before the file is touched.
+    fo.qcow2
+        .refcount_order(path)
+        .map_err(|e| file_error(path, e))?;
     if a.backing_format.is_some() && a.backing.is_none() {
         anyhow::bail!("{}: -F needs a backing file (-b)", path.display());
     }
@@ -215,6 +266,9 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         if fo.extended_l2 {
             line += " extended_l2=on";
         }
+        for g in &fo.given {
+            line += &format!(" {g}");
+        }
         line += &format!(" size={size}");
         if let Some(spec) = &backing {
             line += &format!(
@@ -232,6 +286,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         table_size: fo.table_size,
         extended_l2: fo.extended_l2,
         cache: a.cache,
+        qcow2_features: fo.qcow2.clone(),
     };
     image::create(path, kind, &opts)
         .await

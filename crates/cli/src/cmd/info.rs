@@ -70,12 +70,46 @@ struct LayerInfo {
     actual_size: u64,
 }
 
+/// One entry of `snapshots`, in qemu-img's key order.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct SnapshotJson {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    icount: Option<u64>,
+    vm_clock_nsec: u64,
+    name: String,
+    date_sec: u64,
+    date_nsec: u64,
+    vm_clock_sec: u64,
+    id: String,
+    vm_state_size: u64,
+}
+
+impl From<&image::format::SnapshotInfo> for SnapshotJson {
+    fn from(s: &image::format::SnapshotInfo) -> Self {
+        SnapshotJson {
+            icount: s.icount,
+            vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
+            name: s.name.clone(),
+            date_sec: s.date_sec,
+            date_nsec: s.date_nsec,
+            vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
+            id: s.id.clone(),
+            vm_state_size: s.vm_state_size,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 struct Info {
     children: Vec<Child>,
     #[serde(skip_serializing_if = "Option::is_none")]
     backing_filename_format: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    snapshots: Vec<SnapshotJson>,
+    #[serde(skip)]
+    snapshot_list: Vec<image::format::SnapshotInfo>,
     virtual_size: u64,
     filename: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -177,6 +211,8 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
             },
         }],
         backing_filename_format: spec.as_ref().and_then(|s| s.format.clone()),
+        snapshots: fmt.snapshots().iter().map(SnapshotJson::from).collect(),
+        snapshot_list: fmt.snapshots(),
         virtual_size: size,
         filename: path.display().to_string(),
         cluster_size,
@@ -200,15 +236,20 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
 
 /// Keys in the order qemu-img 10 prints them (its QDict iteration order),
 /// for the objects it prints; other keys follow in name order.
-const QEMU_KEY_ORDER: [&str; 8] = [
+const QEMU_KEY_ORDER: [&str; 12] = [
     "type",
     "data",
     "compat",
     "compression-type",
     "lazy-refcounts",
+    "bitmaps",
     "refcount-bits",
     "corrupt",
     "extended-l2",
+    // In each `bitmaps` entry.
+    "flags",
+    "name",
+    "granularity",
 ];
 
 /// A JSON value whose object keys serialize in [`QEMU_KEY_ORDER`].
@@ -335,6 +376,10 @@ fn print_human(i: &Info) {
     if i.dirty_flag {
         println!("cleanly shut down: no");
     }
+    if !i.snapshot_list.is_empty() {
+        println!("Snapshot list:");
+        print!("{}", snapshot_table(&i.snapshot_list));
+    }
     if let Some(data) = i.format_specific.as_ref().and_then(|v| v.0.get("data")) {
         println!("Format specific information:");
         print_value(data, 1);
@@ -388,6 +433,60 @@ fn print_value(v: &serde_json::Value, level: usize) {
         serde_json::Value::String(s) => println!("{pad}{s}"),
         other => println!("{pad}{other}"),
     }
+}
+
+/// The snapshot list as `qemu-img info` and `qemu-img snapshot -l` print it
+/// (qemu's `bdrv_snapshot_dump`; dates in local time).
+pub fn snapshot_table(list: &[image::format::SnapshotInfo]) -> String {
+    let mut out = format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    );
+    for s in list {
+        let secs = s.vm_clock_nsec / 1_000_000_000;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            (secs / 60) % 60,
+            secs % 60,
+            (s.vm_clock_nsec / 1_000_000) % 1000
+        );
+        let icount = s.icount.map(|c| c.to_string()).unwrap_or_default();
+        out += &format!(
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+            s.id,
+            s.name,
+            size_to_str(s.vm_state_size),
+            local_date(s.date_sec),
+            clock,
+            icount
+        );
+    }
+    out
+}
+
+/// `%Y-%m-%d %H:%M:%S` of `secs` since the epoch in local time, as qemu's
+/// `localtime_r` + `strftime`.
+fn local_date(secs: u64) -> String {
+    let t = secs.min(i64::MAX as u64) as libc::time_t;
+    // SAFETY: `tm` is plain old data that localtime_r fills in; both
+    // pointers are valid for the call and not retained.
+    let tm = unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&t, &mut tm).is_null() {
+            return secs.to_string();
+        }
+        tm
+    };
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
 }
 
 #[cfg(test)]

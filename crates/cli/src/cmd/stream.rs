@@ -58,6 +58,10 @@ pub struct StreamArgs {
     /// written by `diskstream serve --record-profile`).
     #[arg(long, value_name = "FILE")]
     profile: Option<PathBuf>,
+    /// Discard the overlay's persistent dirty bitmaps (qcow2), which a
+    /// read-write open would otherwise refuse to leave stale.
+    #[arg(long = "drop-bitmaps")]
+    drop_bitmaps: bool,
     /// The overlay to stream.
     image: PathBuf,
 }
@@ -77,6 +81,7 @@ pub async fn run(args: StreamArgs) -> Result<ExitCode> {
         cache: args.cache,
         backing_cache: args.backing_cache,
         opener: Some(super::network_opener()),
+        drop_bitmaps: args.drop_bitmaps,
         ..OpenOptions::default()
     };
     let img = image::open(&args.image, &opts)

@@ -166,8 +166,6 @@ fn walk_l1(m: &Meta, w: &mut Walk, l1_off: u64, l1: &[u64], active: bool) -> Res
     Ok(())
 }
 
-/// Same limit as qemu (QCOW2_MAX_BITMAP_DIRECTORY_SIZE).
-const MAX_BITMAP_DIRECTORY: u64 = 1024 * 65536;
 /// Bitmap tables are at most this many entries here (qemu's own bound is
 /// derived from the image size; this one only keeps allocations sane).
 const MAX_BITMAP_TABLE: u32 = 1 << 24;
@@ -176,60 +174,38 @@ const MAX_BITMAP_TABLE: u32 = 1 << 24;
 /// and its data clusters. Like qemu, only while the autoclear bit says the
 /// bitmaps extension is valid.
 fn walk_bitmaps(m: &Meta, w: &mut Walk) -> Result<()> {
-    let cb = m.cluster_bits;
-    if m.h.autoclear_features & super::header::AUTOCLEAR_BITMAPS == 0 {
-        return Ok(());
-    }
-    let Some((_, ext)) =
-        m.h.other_extensions
-            .iter()
-            .find(|(ty, _)| *ty == super::header::EXT_BITMAPS)
-    else {
-        return Ok(());
-    };
-    if ext.len() < 24 {
-        return Err(m.corrupt(format!(
-            "bitmaps extension of {} bytes is too short",
-            ext.len()
-        )));
-    }
-    let nb = u32::from_be_bytes(ext[0..4].try_into().expect("4"));
-    let dir_size = u64::from_be_bytes(ext[8..16].try_into().expect("8"));
-    let dir_off = u64::from_be_bytes(ext[16..24].try_into().expect("8"));
-    if dir_size > MAX_BITMAP_DIRECTORY {
-        return Err(m.corrupt(format!(
-            "bitmap directory size {dir_size} is above {MAX_BITMAP_DIRECTORY}"
-        )));
-    }
-    let mut dir = vec![0u8; dir_size as usize];
-    m.st.read_at(&mut dir, dir_off)
-        .map_err(|e| m.io("read bitmap directory", e))?;
-    w.inc(cb, dir_off, dir_size);
-    let mut at = 0usize;
-    for n in 0..nb {
-        if at + 24 > dir.len() {
-            return Err(m.corrupt(format!("bitmap directory entry {n} is past its end")));
-        }
-        let e = &dir[at..at + 24];
-        let table_off = u64::from_be_bytes(e[0..8].try_into().expect("8"));
-        let table_size = u32::from_be_bytes(e[8..12].try_into().expect("4"));
-        let name_size = u16::from_be_bytes(e[18..20].try_into().expect("2"));
-        let extra = u32::from_be_bytes(e[20..24].try_into().expect("4"));
-        if table_size > MAX_BITMAP_TABLE {
-            return Err(m.corrupt(format!(
-                "bitmap {n}: table size {table_size} is above {MAX_BITMAP_TABLE}"
-            )));
-        }
-        w.inc(cb, table_off, u64::from(table_size) * 8);
-        for entry in read_u64s(m, table_off, table_size as usize)? {
-            let off = entry & OFFSET_MASK;
-            if off != 0 {
-                w.inc(cb, off, 1 << cb);
-            }
-        }
-        at += (24 + extra as usize + name_size as usize).next_multiple_of(8);
+    for (off, len) in bitmap_clusters(m)? {
+        w.inc(m.cluster_bits, off, len);
     }
     Ok(())
+}
+
+/// The byte ranges `(offset, length)` persistent bitmaps hold references
+/// on (directory, bitmap tables, data clusters), or none when the autoclear
+/// bit says the bitmaps extension is not valid.
+pub(super) fn bitmap_clusters(m: &Meta) -> Result<Vec<(u64, u64)>> {
+    let cb = m.cluster_bits;
+    let mut out = Vec::new();
+    let Some((dir_off, dir_size, entries)) = super::bitmaps::directory(m)? else {
+        return Ok(out);
+    };
+    out.push((dir_off, dir_size));
+    for (n, e) in entries.iter().enumerate() {
+        if e.table_size > MAX_BITMAP_TABLE {
+            return Err(m.corrupt(format!(
+                "bitmap {n}: table size {} is above {MAX_BITMAP_TABLE}",
+                e.table_size
+            )));
+        }
+        out.push((e.table_offset, u64::from(e.table_size) * 8));
+        for entry in read_u64s(m, e.table_offset, e.table_size as usize)? {
+            let off = entry & OFFSET_MASK;
+            if off != 0 {
+                out.push((off, 1 << cb));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Computes the expected refcounts of every cluster.
@@ -254,29 +230,14 @@ fn walk(m: &Meta) -> Result<Walk> {
     w.inc(cb, 0, cs);
     walk_l1(m, &mut w, m.h.l1_table_offset, &m.l1, true)?;
     if m.h.nb_snapshots > 0 {
-        // Snapshot table: fixed 40-byte part, extra data, id, name, padding.
-        let mut off = m.h.snapshots_offset;
-        let start = off;
-        for n in 0..m.h.nb_snapshots {
-            let mut fixed = [0u8; 40];
-            m.st.read_at(&mut fixed, off)
-                .map_err(|e| m.io("read snapshot table", e))?;
-            let l1_off = u64::from_be_bytes(fixed[0..8].try_into().expect("8"));
-            let l1_size = u32::from_be_bytes(fixed[8..12].try_into().expect("4"));
-            let id_len = u16::from_be_bytes(fixed[12..14].try_into().expect("2"));
-            let name_len = u16::from_be_bytes(fixed[14..16].try_into().expect("2"));
-            let extra = u32::from_be_bytes(fixed[36..40].try_into().expect("4"));
-            if u64::from(l1_size) * 8 > super::header::MAX_L1_BYTES || extra > 1 << 16 {
-                return Err(m.corrupt(format!(
-                    "snapshot {n}: l1_size {l1_size} or extra data {extra} out of range"
-                )));
-            }
-            let l1 = read_u64s(m, l1_off, l1_size as usize)?;
-            walk_l1(m, &mut w, l1_off, &l1, false)?;
-            off += (40 + u64::from(extra) + u64::from(id_len) + u64::from(name_len))
-                .next_multiple_of(8);
+        // The snapshot table and every snapshot's L1 and L2 tables.
+        let file_len = m.st.len().map_err(|e| m.io("stat", e))?;
+        let (snaps, len) = super::snapshot::read_table(&*m.st, &m.path, &m.h, file_len)?;
+        for s in &snaps {
+            let l1 = read_u64s(m, s.l1_table_offset, s.l1_size as usize)?;
+            walk_l1(m, &mut w, s.l1_table_offset, &l1, false)?;
         }
-        w.inc(cb, start, off - start);
+        w.inc(cb, m.h.snapshots_offset, len);
     }
     walk_bitmaps(m, &mut w)?;
     w.inc(
@@ -388,7 +349,7 @@ fn check_once(m: &mut Meta, repair: Option<Repair>) -> Result<(CheckReport, Vec<
                     m.free_hint = c;
                 }
             }
-            m.flush_meta()?;
+            m.flush_meta_with(true)?;
             w.report.leaks_fixed = leaked.len() as u64;
         }
         _ => {}
@@ -399,7 +360,7 @@ fn check_once(m: &mut Meta, repair: Option<Repair>) -> Result<(CheckReport, Vec<
 /// Checks, repairs as allowed, and reports like `qemu-img check`: after a
 /// repair the counters come from a second pass, the `*_fixed` from the first.
 pub(super) fn check(m: &mut Meta, repair: Option<Repair>) -> Result<CheckReport> {
-    m.flush_meta()?;
+    m.flush_meta_with(true)?;
     let (first, _) = check_once(m, repair)?;
     if first.leaks_fixed == 0 && first.corruptions_fixed == 0 {
         return Ok(first);

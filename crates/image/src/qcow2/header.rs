@@ -49,6 +49,34 @@ pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
+/// Compression types (header byte 104).
+pub const COMPRESSION_ZLIB: u8 = 0;
+pub const COMPRESSION_ZSTD: u8 = 1;
+
+/// The compression type must be one diskstream reads, and (as qemu
+/// requires) a type other than zlib needs the compression type
+/// incompatible bit, and the bit a type other than zlib.
+pub fn check_compression_type(h: &Header, path: &Path) -> Result<()> {
+    let bit = h.incompatible_features & INCOMPAT_COMPRESSION != 0;
+    match h.compression_type {
+        COMPRESSION_ZLIB if bit => Err(invalid(
+            path,
+            "the compression type bit is set but compression_type is 0 (zlib)".into(),
+        )),
+        COMPRESSION_ZLIB => Ok(()),
+        COMPRESSION_ZSTD if !bit => Err(invalid(
+            path,
+            "compression_type 1 (zstd) without the compression type incompatible bit".into(),
+        )),
+        COMPRESSION_ZSTD => Ok(()),
+        t => Err(Error::Unsupported {
+            path: path.to_owned(),
+            format: "qcow2",
+            feature: format!("compression_type {t} (known: 0 zlib, 1 zstd)"),
+        }),
+    }
+}
+
 // Header extension types.
 pub const EXT_END: u32 = 0;
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;

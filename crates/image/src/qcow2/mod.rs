@@ -19,11 +19,18 @@
 //! requests per subcluster only, a write that allocates a cluster claims it
 //! (`Meta::allocating`) until its L2 update is in place.
 
+//! With lazy refcounts the refcount writes are deferred instead, behind the
+//! dirty bit (refcount.rs); clusters and L2 tables shared with internal
+//! snapshots are copied before a write (snapshot.rs).
+
+mod bitmaps;
 pub(crate) mod cache;
 mod check;
 pub mod entry;
 pub mod header;
 mod refcount;
+pub mod snapshot;
+mod zstd;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -53,6 +60,10 @@ pub struct Qcow2Options {
     pub writable: bool,
     /// Bytes of L2 tables to cache (refcount blocks get a quarter of it).
     pub cache_bytes: Option<u64>,
+    /// A read-write open of an image with persistent bitmaps discards them
+    /// (frees their clusters, drops the extension and its autoclear bit)
+    /// instead of refusing to open.
+    pub drop_bitmaps: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -64,6 +75,45 @@ pub struct CreateOptions {
     /// Extended L2 entries (32 subclusters per cluster; clusters of at
     /// least 16 KiB), as `qemu-img create -o extended_l2=on`.
     pub extended_l2: bool,
+}
+
+/// The `-o` options of `qemu-img create -f qcow2` that pick on-disk
+/// features; the default is what qemu-img makes without options.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Features {
+    /// `compat=0.10`: a version 2 image (no zero clusters, no feature bits).
+    pub version_2: bool,
+    /// `refcount_bits`: 1, 2, 4, 8, 16, 32 or 64; `None` for 16.
+    pub refcount_bits: Option<u32>,
+    /// `lazy_refcounts=on` (version 3 only).
+    pub lazy_refcounts: bool,
+}
+
+impl Features {
+    /// The refcount order these features ask for, checked as qemu-img
+    /// checks it.
+    pub fn refcount_order(&self, path: &Path) -> Result<u32> {
+        let bits = self.refcount_bits.unwrap_or(16);
+        if !bits.is_power_of_two() || bits > 64 {
+            return Err(Error::InvalidInput(format!(
+                "{}: refcount_bits {bits} must be a power of two from 1 to 64",
+                path.display()
+            )));
+        }
+        if self.version_2 && bits != 16 {
+            return Err(Error::InvalidInput(format!(
+                "{}: refcount widths other than 16 bits need compat=1.1",
+                path.display()
+            )));
+        }
+        if self.version_2 && self.lazy_refcounts {
+            return Err(Error::InvalidInput(format!(
+                "{}: lazy refcounts need compat=1.1",
+                path.display()
+            )));
+        }
+        Ok(bits.trailing_zeros())
+    }
 }
 
 /// The metadata of an open image; see the module comment for the locking
@@ -104,6 +154,8 @@ pub(crate) struct Meta {
     /// serialised above: the second one waits here instead of allocating
     /// the cluster a second time).
     allocating: BTreeSet<u64>,
+    /// The snapshot table, as read at open (diskstream never changes it).
+    snapshots: Vec<snapshot::Snapshot>,
 }
 
 /// An open qcow2 image.
@@ -289,16 +341,9 @@ impl Meta {
             )));
         }
         let t = match self.l2_table(i)? {
-            Some(t) => {
-                if self.l1[i] & COPIED == 0 {
-                    return Err(Error::Unsupported {
-                        path: self.path.clone(),
-                        format: "qcow2",
-                        feature: format!("writing a shared L2 table (L1 entry {i})"),
-                    });
-                }
-                t
-            }
+            // Shared with a snapshot: copy it first (snapshot.rs).
+            Some(t) if self.l1[i] & COPIED == 0 => self.cow_l2_table(i, t)?,
+            Some(t) => t,
             None if raw == 0 && bitmap == 0 => return Ok(()),
             None => {
                 let t = self.alloc_clusters(1)?;
@@ -346,14 +391,22 @@ impl Meta {
     /// Writes every dirty table in crash-safe order and syncs; then applies
     /// the queued frees (whose refcount blocks go out with the next flush).
     fn flush_meta(&mut self) -> Result<()> {
+        self.flush_meta_with(false)
+    }
+
+    /// [`Meta::flush_meta`]; with lazy refcounts, refcount blocks and the
+    /// refcount table are written only when `all_refcounts` is set (close,
+    /// check) or the cache is full of them (see `refcount.rs`).
+    fn flush_meta_with(&mut self, all_refcounts: bool) -> Result<()> {
         if !self.writable {
             return Ok(());
         }
-        let mut wrote = self.write_dirty_refblocks()?;
+        let defer = self.defer_refcounts(all_refcounts)?;
+        let mut wrote = !defer && self.write_dirty_refblocks()?;
         if self.rc_critical > 0 {
             return self.sync();
         }
-        if !self.reftable_dirty.is_empty() {
+        if !defer && !self.reftable_dirty.is_empty() {
             if wrote {
                 self.sync()?;
             }
@@ -471,18 +524,12 @@ impl Qcow2 {
                 ),
             ));
         }
-        for (bit, always) in [
-            (header::INCOMPAT_DATA_FILE, true),
-            (header::INCOMPAT_COMPRESSION, false),
-        ] {
-            if h.incompatible_features & bit != 0 && (always || writable) {
-                let mut names = h.feature_names(0, bit);
-                if bit == header::INCOMPAT_COMPRESSION {
-                    names.push(format!("compression_type {}", h.compression_type));
-                }
-                return Err(unsupported(&path, names.join(", ")));
+        for bit in [header::INCOMPAT_DATA_FILE] {
+            if h.incompatible_features & bit != 0 {
+                return Err(unsupported(&path, h.feature_names(0, bit).join(", ")));
             }
         }
+        header::check_compression_type(&h, &path)?;
         if h.data_file.is_some() {
             return Err(unsupported(&path, "external data file".into()));
         }
@@ -495,25 +542,12 @@ impl Qcow2 {
                         .into(),
                 });
             }
-            if h.refcount_order != 4 {
+            if bitmaps::valid(&h) && !opts.drop_bitmaps {
                 return Err(unsupported(
                     &path,
-                    format!(
-                        "refcount_bits {} for read-write opens (only 16)",
-                        1u32 << h.refcount_order
-                    ),
-                ));
-            }
-            if h.has_bitmaps_ext || h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0 {
-                return Err(unsupported(&path, "persistent bitmaps (read-write)".into()));
-            }
-            if h.nb_snapshots > 0 {
-                return Err(unsupported(
-                    &path,
-                    format!(
-                        "internal snapshots (read-write; the image has {})",
-                        h.nb_snapshots
-                    ),
+                    "persistent dirty bitmaps on a read-write open (diskstream would leave them \
+                     stale; read-only opens keep them; --drop-bitmaps discards them)"
+                        .into(),
                 ));
             }
         }
@@ -541,6 +575,8 @@ impl Qcow2 {
                 });
             }
         }
+        let file_len = storage.len().map_err(|e| Error::io(&path, "stat", e))?;
+        let (snapshots, _) = snapshot::read_table(&*storage, &path, &h, file_len)?;
         let l1 = read_u64s(
             &*storage,
             &path,
@@ -576,6 +612,7 @@ impl Qcow2 {
             rc_critical: 0,
             gate: Arc::clone(&gate),
             allocating: BTreeSet::new(),
+            snapshots,
         };
         let q = Qcow2 {
             storage,
@@ -591,7 +628,10 @@ impl Qcow2 {
             gate,
             closed: AtomicBool::new(false),
         };
-        if writable && h.autoclear_features != 0 {
+        if writable && opts.drop_bitmaps && bitmaps::valid(&h) {
+            q.lock().drop_bitmaps()?;
+        }
+        if writable && q.lock().h.autoclear_features != 0 {
             // Autoclear bits name extensions a writer that does not keep
             // them up to date must invalidate (bitmaps were refused above).
             let mut m = q.lock();
@@ -865,17 +905,17 @@ impl Qcow2 {
             unreachable!("read_compressed on a non-compressed entry");
         };
         let ctype = self.compression_type;
-        if ctype != 0 {
-            return Err(unsupported(
-                &self.path,
-                format!("compression_type {ctype} (zstd) for compressed clusters"),
-            ));
-        }
         let len = len.min(2 * self.cluster_size());
         let mut input = vec![0u8; len as usize];
         self.storage
             .read_at(&mut input, host)
             .map_err(|e| self.io("read compressed cluster", e))?;
+        if ctype == header::COMPRESSION_ZSTD {
+            return zstd::decompress(&input, out).map_err(|why| Error::Corrupt {
+                path: self.path.clone(),
+                message: format!("zstd-compressed cluster at host offset {host:#x}: {why}"),
+            });
+        }
         let mut d = flate2::Decompress::new(false);
         let status = d.decompress(&input, out, flate2::FlushDecompress::Finish);
         if d.total_out() as usize != out.len() || status.is_err() {
@@ -1214,9 +1254,15 @@ impl Qcow2 {
     }
 }
 
-/// Creates an empty v3 image (qemu-img's `compat=1.1` layout: header,
-/// refcount table, refcount blocks, L1 table).
+/// Creates an empty image (qemu-img's layout: header, refcount table,
+/// refcount blocks, L1 table), version 3 unless `compat=0.10` is asked for.
 pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
+    create_with(storage, opts, &Features::default())
+}
+
+/// [`create`] with on-disk `features` (`compat`, `refcount_bits`,
+/// `lazy_refcounts`).
+pub fn create_with(storage: &dyn Storage, opts: &CreateOptions, features: &Features) -> Result<()> {
     let path = storage.path();
     let cs = opts.cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE);
     if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
@@ -1249,8 +1295,16 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
             header::MAX_L1_BYTES
         )));
     }
+    let order = features.refcount_order(path)?;
+    let v2 = features.version_2;
+    if v2 && opts.extended_l2 {
+        return Err(Error::InvalidInput(format!(
+            "{}: extended L2 entries need compat=1.1",
+            path.display()
+        )));
+    }
     let l1_clusters = (l1_entries * 8).div_ceil(cs);
-    let per_block = cs * 8 / 16;
+    let per_block = (cs * 8) >> order;
     // header + reftable + refblocks + L1, sized until it covers itself.
     let (mut rt_clusters, mut rb_count) = (1u64, 1u64);
     loop {
@@ -1274,7 +1328,7 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
         )));
     }
     let h = Header {
-        version: 3,
+        version: if v2 { 2 } else { 3 },
         cluster_bits,
         size,
         crypt_method: 0,
@@ -1289,14 +1343,23 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
         } else {
             0
         },
-        compatible_features: 0,
+        compatible_features: if features.lazy_refcounts {
+            header::COMPAT_LAZY_REFCOUNTS
+        } else {
+            0
+        },
         autoclear_features: 0,
-        refcount_order: 4,
-        header_length: header::V3_HEADER_LEN,
+        refcount_order: order,
+        header_length: if v2 {
+            header::V2_HEADER_LEN
+        } else {
+            header::V3_HEADER_LEN
+        },
         compression_type: 0,
         backing_name: opts.backing.as_ref().map(|b| b.name.clone()),
         backing_format: opts.backing.as_ref().and_then(|b| b.format.clone()),
-        feature_table: Some(header::default_feature_table()),
+        // Version 2 has no feature bits to name (qemu writes no table).
+        feature_table: (!v2).then(header::default_feature_table),
         data_file: None,
         has_bitmaps_ext: false,
         has_crypto_ext: false,
@@ -1310,9 +1373,9 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
         image[(rt_off + b * 8) as usize..(rt_off + b * 8 + 8) as usize]
             .copy_from_slice(&(rb_off + b * cs).to_be_bytes());
     }
+    let blocks = &mut image[rb_off as usize..(rb_off + rb_count * cs) as usize];
     for c in 0..total {
-        let at = (rb_off + c * 2) as usize;
-        image[at..at + 2].copy_from_slice(&1u16.to_be_bytes());
+        refcount::set_entry(blocks, order, c as usize, 1);
     }
     storage.write_at(&image, 0).map_err(|e| io("write", e))?;
     storage.flush().map_err(|e| io("flush", e))
@@ -1566,6 +1629,9 @@ impl Format for Qcow2 {
                 (h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0).into(),
             );
         }
+        if let Some(b) = bitmaps::info_json(&m) {
+            data.insert("bitmaps".into(), b);
+        }
         data.insert("refcount-bits".into(), (1u64 << h.refcount_order).into());
         if v3 {
             data.insert(
@@ -1580,15 +1646,20 @@ impl Format for Qcow2 {
         Some(serde_json::json!({ "type": "qcow2", "data": data }))
     }
 
+    fn snapshots(&self) -> Vec<crate::format::SnapshotInfo> {
+        self.lock().snapshots.iter().map(|s| s.info()).collect()
+    }
+
     fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::SeqCst) || !self.writable {
             return Ok(());
         }
         let mut m = self.lock();
         m.ensure_consistent()?;
-        m.flush_meta()?;
+        m.flush_meta_with(true)?;
         // The frees applied by the first flush dirtied refcount blocks.
-        m.flush_meta()
+        m.flush_meta_with(true)?;
+        m.mark_clean()
     }
 }
 

@@ -7,9 +7,14 @@
 //! and the new blocks count themselves. When the refcount table itself is
 //! full it is copied to a larger place, written and synced, and the header
 //! switched to it in one write before the old table is freed.
+//!
+//! With lazy refcounts (compatible bit 0) the refcount blocks and table stay
+//! in memory across flushes (written on close, on `check`, or when the cache
+//! is full of them) and the dirty bit is set before anything they do not
+//! account for reaches the disk; an image found dirty is rebuilt on open.
 
 use super::Meta;
-use super::header::MAX_REFTABLE_BYTES;
+use super::header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use crate::{Error, Result};
 
 /// Reads entry `index` of a refcount block with `1 << order` bit entries.
@@ -56,6 +61,48 @@ pub fn max_refcount(order: u32) -> u64 {
 }
 
 impl Meta {
+    /// Whether this open defers refcount updates: a writable v3 image with
+    /// the lazy refcounts compatible bit.
+    pub(super) fn lazy_refcounts(&self) -> bool {
+        self.writable
+            && self.h.version >= 3
+            && self.h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0
+    }
+
+    /// Decides, at the start of a metadata flush, whether refcount blocks and
+    /// the refcount table stay in memory this time. With lazy refcounts they
+    /// do, unless `all_refcounts` or the cache is full of dirty blocks; and
+    /// before anything is written that the on-disk refcounts do not account
+    /// for, the dirty bit is made durable (as qemu's `qcow2_mark_dirty`), so
+    /// the next open rebuilds them.
+    pub(super) fn defer_refcounts(&mut self, all_refcounts: bool) -> Result<bool> {
+        if !self.lazy_refcounts() {
+            return Ok(false);
+        }
+        let pending = !self.l2.dirty().is_empty()
+            || !self.l1_dirty.is_empty()
+            || !self.rb.dirty().is_empty()
+            || !self.reftable_dirty.is_empty()
+            || !self.pending_frees.is_empty();
+        if pending && self.h.incompatible_features & INCOMPAT_DIRTY == 0 {
+            let mut h = self.h.clone();
+            h.incompatible_features |= INCOMPAT_DIRTY;
+            self.write_header(&h)?;
+        }
+        Ok(!all_refcounts && !self.rb.full_of_dirty())
+    }
+
+    /// After a full flush on close: every refcount is on disk, so the dirty
+    /// bit goes (one header write).
+    pub(super) fn mark_clean(&mut self) -> Result<()> {
+        if self.lazy_refcounts() && self.h.incompatible_features & INCOMPAT_DIRTY != 0 {
+            let mut h = self.h.clone();
+            h.incompatible_features &= !INCOMPAT_DIRTY;
+            self.write_header(&h)?;
+        }
+        Ok(())
+    }
+
     /// log2 of the refcount entries per refcount block.
     pub(super) fn rb_bits(&self) -> u32 {
         self.cluster_bits + 3 - self.h.refcount_order

@@ -63,15 +63,30 @@ pub fn mem_raw(name: &str, content: Vec<u8>) -> Arc<dyn BlockDevice> {
 /// I/O start from these, so a limit of our own `create` (tested by the
 /// conformance suite) does not hide the engine's I/O paths.
 pub fn qemu_qcow2_bytes(size: u64, cluster: u64, backing: Option<(&str, &str)>) -> Vec<u8> {
+    qemu_qcow2_bytes_with(size, cluster, backing, "")
+}
+
+/// [`qemu_qcow2_bytes`] with more `-o` options (`extra`, comma separated,
+/// e.g. `lazy_refcounts=on`).
+pub fn qemu_qcow2_bytes_with(
+    size: u64,
+    cluster: u64,
+    backing: Option<(&str, &str)>,
+    extra: &str,
+) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("new.qcow2");
+    let mut opts = format!("cluster_size={cluster}");
+    if !extra.is_empty() {
+        opts = format!("{opts},{extra}");
+    }
     let mut args = vec![
         "create".to_string(),
         "-q".into(),
         "-f".into(),
         "qcow2".into(),
         "-o".into(),
-        format!("cluster_size={cluster}"),
+        opts,
     ];
     if let Some((n, f)) = backing {
         args.extend(["-u".into(), "-b".into(), n.into(), "-F".into(), f.into()]);
@@ -201,4 +216,40 @@ pub fn qemu_check_as(path: &Path, fmt: &str) -> Result<i32, String> {
             "qemu-img check -f {fmt} {p} exited {code}:\n{text}"
         )),
     }
+}
+
+/// Our read-only `check()` of the qcow2 file at `path` reports what
+/// `qemu-img check` reports (corruptions, leaks, image end): for a dirty
+/// lazy-refcounts image, the stale refcounts before any repair.
+pub async fn check_agrees_with_qemu(path: &Path) -> Result<(), String> {
+    let out = Command::new("qemu-img")
+        .args(["check", "-U", "-f", "qcow2", "--output=json"])
+        .arg(path)
+        .output()
+        .expect("qemu-img must be installed");
+    let q: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "qemu-img check {}: {e}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let img = image::open(path, &OpenOptions::default())
+        .await
+        .map_err(|e| format!("read-only open: {e}"))?;
+    let r = img
+        .format()
+        .check(None)
+        .map_err(|e| format!("check: {e}"))?;
+    let field = |k: &str| q.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    if r.corruptions != field("corruptions")
+        || r.leaks != field("leaks")
+        || r.image_end_offset != q.get("image-end-offset").and_then(|v| v.as_u64())
+    {
+        return Err(format!(
+            "check differs from qemu-img's: ours corruptions {} leaks {} end {:?}; qemu-img {q}",
+            r.corruptions, r.leaks, r.image_end_offset
+        ));
+    }
+    Ok(())
 }
