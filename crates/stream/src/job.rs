@@ -45,6 +45,22 @@ pub enum OnError {
     /// Skip the range and go on; the job then ends with an error and keeps
     /// the backing link, since the image still needs it.
     Ignore,
+    /// Pause as `Stop` when the copy failed for lack of space
+    /// ([`image::ErrorKind::NoSpace`]: freeing space and resuming helps),
+    /// fail the job as `Report` on any other error.
+    Enospc,
+}
+
+impl OnError {
+    /// Whether a failed copy with error `kind` pauses the job (rather than
+    /// failing it or being skipped).
+    pub fn stops_on(self, kind: image::ErrorKind) -> bool {
+        match self {
+            OnError::Stop => true,
+            OnError::Enospc => kind == image::ErrorKind::NoSpace,
+            OnError::Report | OnError::Ignore => false,
+        }
+    }
 }
 
 /// How to stream.
@@ -119,6 +135,10 @@ pub struct JobInfo {
     pub eta_seconds: Option<f64>,
     pub errors_ignored: u64,
     pub error: Option<String>,
+    /// What kind of error `error` is (a paused `on-error=stop|enospc` job
+    /// reports `nospace` or `failed` from it).
+    #[serde(skip)]
+    pub error_kind: Option<image::ErrorKind>,
 }
 
 /// How a job ended when it did not fail.
@@ -154,7 +174,19 @@ pub enum StreamError {
         count: u64,
         first: u64,
         message: String,
+        /// The kind of the first failure.
+        kind: image::ErrorKind,
     },
+}
+
+impl StreamError {
+    /// The kind of the underlying image error (`Io` for skipped ranges).
+    pub fn kind(&self) -> image::ErrorKind {
+        match self {
+            StreamError::Image(e) => e.kind(),
+            StreamError::Incomplete { kind, .. } => *kind,
+        }
+    }
 }
 
 impl From<image::Error> for StreamError {
@@ -245,6 +277,7 @@ impl StreamJob {
             eta_seconds: None,
             errors_ignored: 0,
             error: None,
+            error_kind: None,
         };
         let (state_tx, _) = watch::channel(JobState::Running);
         let (control, ctl_rx) = watch::channel(Control {
@@ -516,15 +549,17 @@ impl Runner {
                 self.shared.add_done(out);
                 Ok(())
             }
+            Err(e) if self.opts.on_error.stops_on(e.kind()) => {
+                failures.add(offset, &e);
+                Ok(())
+            }
             Err(e) => match self.opts.on_error {
-                OnError::Report => Err(e.into()),
-                OnError::Stop | OnError::Ignore => {
+                OnError::Ignore => {
                     failures.add(offset, &e);
-                    if self.opts.on_error == OnError::Ignore {
-                        self.shared.update(|s| s.info.errors_ignored += 1);
-                    }
+                    self.shared.update(|s| s.info.errors_ignored += 1);
                     Ok(())
                 }
+                OnError::Report | OnError::Stop | OnError::Enospc => Err(e.into()),
             },
         }
     }
@@ -624,13 +659,18 @@ impl Runner {
             self.drain(&mut tasks, &mut failures).await?;
             if let Some(first) = failures.take_stopped(self.opts.on_error) {
                 // on-error=stop: pause, then retry from the first failed range.
-                self.shared
-                    .update(|st| st.info.error = Some(first.message.clone()));
+                self.shared.update(|st| {
+                    st.info.error = Some(first.message.clone());
+                    st.info.error_kind = Some(first.kind);
+                });
                 self.shared.control.send_modify(|c| c.paused = true);
                 if let Next::Cancel = self.checkpoint(&mut tasks, &mut failures).await? {
                     return Ok(Outcome::Cancelled);
                 }
-                self.shared.update(|st| st.info.error = None);
+                self.shared.update(|st| {
+                    st.info.error = None;
+                    st.info.error_kind = None;
+                });
                 pos = first.offset;
                 continue;
             }
@@ -659,6 +699,7 @@ impl Runner {
 struct Failure {
     offset: u64,
     message: String,
+    kind: image::ErrorKind,
 }
 
 #[derive(Debug, Default)]
@@ -674,12 +715,15 @@ impl Failures {
             self.first = Some(Failure {
                 offset,
                 message: e.to_string(),
+                kind: e.kind(),
             });
         }
     }
 
     fn take_stopped(&mut self, policy: OnError) -> Option<Failure> {
-        if policy != OnError::Stop {
+        // Only failures the policy stops on were recorded, except under
+        // `Ignore`, which never stops.
+        if policy == OnError::Ignore || policy == OnError::Report {
             return None;
         }
         self.count = 0;
@@ -692,6 +736,7 @@ impl Failures {
             count: self.count,
             first: f.offset,
             message: f.message.clone(),
+            kind: f.kind,
         })
     }
 }
