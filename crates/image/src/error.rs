@@ -94,7 +94,11 @@ impl Error {
 
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+            // StorageFull without an errno: an ENOSPC reply of an NBD peer.
+            Error::Io { source, .. }
+                if source.raw_os_error() == Some(libc::ENOSPC)
+                    || source.kind() == io::ErrorKind::StorageFull =>
+            {
                 ErrorKind::NoSpace
             }
             Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
