@@ -393,6 +393,25 @@ pub async fn wait_completed(c: &mut Client, id: &str, limit: Duration) -> Value 
     }
 }
 
+/// Waits (bounded) for `BLOCK_JOB_COMPLETED` of every job in `ids`, in
+/// any order; returns their data in the order of `ids`.
+pub async fn wait_all_completed(c: &mut Client, ids: &[String], limit: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + limit;
+    let mut got: Vec<Option<Value>> = vec![None; ids.len()];
+    while got.iter().any(Option::is_none) {
+        match c.next_event(deadline).await.expect("QMP events") {
+            Some(ClientEvent { name, data }) if name == "BLOCK_JOB_COMPLETED" => {
+                if let Some(i) = ids.iter().position(|id| data["device"] == id.as_str()) {
+                    got[i] = Some(data);
+                }
+            }
+            Some(_) => {}
+            None => panic!("jobs {ids:?}: not all completed within {limit:?}: {got:?}"),
+        }
+    }
+    got.into_iter().map(Option::unwrap).collect()
+}
+
 /// Waits (bounded) for an event `name` whose data satisfies `pred`.
 pub async fn wait_event(
     c: &mut Client,
