@@ -1083,7 +1083,9 @@ impl Core {
                         .unwrap_or(image::ErrorKind::Io);
                     let (io_status, operation) = io_status_of(kind);
                     let job = &mut self.jobs[idx];
-                    job.user_paused = true;
+                    // An outage pause ends by itself when the backing is
+                    // back; any other is the user's to resume.
+                    job.user_paused = kind != image::ErrorKind::Unavailable;
                     job.io_status = io_status;
                     let data = json!({"device": job.id, "operation": operation, "action": job.on_error.action(kind)});
                     self.emit("BLOCK_JOB_ERROR", data);
@@ -1092,6 +1094,7 @@ impl Core {
             }
             EngineEvent::State(stream::JobState::Running) => {
                 if self.jobs[idx].status == JobStatus::Paused {
+                    self.jobs[idx].io_status = "ok";
                     self.transition(idx, JobStatus::Running);
                 }
             }

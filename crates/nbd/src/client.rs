@@ -819,7 +819,7 @@ impl NbdClient {
                     error,
                     since,
                 } => {
-                    return Err(Error::Remote(format!(
+                    return Err(Error::Unavailable(format!(
                         "{}: server unreachable for {:.1?} (reconnect window {}): {error}",
                         self.shared.uri,
                         since.elapsed(),
@@ -865,7 +865,7 @@ impl NbdClient {
                     continue;
                 }
                 Err(Lost(why)) => {
-                    return Err(Error::Remote(format!(
+                    return Err(Error::Unavailable(format!(
                         "{}: {command} at offset {offset} length {length}: connection lost \
                          ({why}){}",
                         self.shared.uri,

@@ -32,6 +32,9 @@ const SCAN_WINDOW: u64 = 1 << 30;
 /// pass finds ranges that are still remote (copies that failed and were
 /// ignored are not retried; this covers ranges that changed under the scan).
 const MAX_PASSES: u32 = 3;
+/// First and longest pause between probes of an unavailable backing.
+const OUTAGE_PROBE_MIN: Duration = Duration::from_millis(100);
+const OUTAGE_PROBE_MAX: Duration = Duration::from_secs(2);
 
 /// What a failed copy does to the job (QEMU's `on-error`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -524,6 +527,69 @@ impl Runner {
         }
     }
 
+    /// The outage policy: a remote backing stopped answering (past its
+    /// reconnect window). The job pauses itself, with the error in its info,
+    /// probes the backing with backoff, and resumes once the probe works.
+    /// Ends early on cancel; a probe failing another way fails the job.
+    async fn wait_for_backing(
+        &mut self,
+        e: &image::Error,
+        probe: Probe,
+        tasks: &mut JoinSet<CopyResult>,
+        failures: &mut Failures,
+    ) -> Result<Next, StreamError> {
+        self.drain(tasks, failures).await?;
+        let say = |st: &Shared, msg: Option<String>| {
+            st.update(|s| {
+                s.info.error_kind = msg.as_ref().map(|_| image::ErrorKind::Unavailable);
+                s.info.error = msg;
+            })
+        };
+        say(&self.shared, Some(e.to_string()));
+        self.shared.set_state(JobState::Paused);
+        let mut delay = OUTAGE_PROBE_MIN;
+        // Bounded by the backing coming back, a failure of another kind, or
+        // a cancel; the wait itself is the policy (the reconnect window is
+        // the client's, and the job has none: it resumes when it can).
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                r = self.ctl.changed() => {
+                    if r.is_err() {
+                        return Ok(Next::Cancel);
+                    }
+                }
+            }
+            if self.ctl.borrow().cancelled {
+                say(&self.shared, None);
+                return Ok(Next::Cancel);
+            }
+            let r = match probe {
+                Probe::Copy(off, len) => {
+                    let base_depth = self.opts.base.depth;
+                    self.image
+                        .populate(off, len, base_depth)
+                        .await
+                        .map(|out| self.shared.add_done(out))
+                }
+                Probe::Scan(off, len) => block_status_all(&*self.image, off, len).await.map(|_| ()),
+            };
+            match r {
+                Ok(()) => break,
+                Err(e) if e.kind() == image::ErrorKind::Unavailable => {
+                    say(&self.shared, Some(e.to_string()));
+                    delay = (delay * 2).min(OUTAGE_PROBE_MAX);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        say(&self.shared, None);
+        if !self.ctl.borrow().paused {
+            self.shared.set_state(JobState::Running);
+        }
+        Ok(Next::Go)
+    }
+
     /// Waits for every copy in flight.
     async fn drain(
         &mut self,
@@ -547,6 +613,12 @@ impl Runner {
         match r {
             Ok(out) => {
                 self.shared.add_done(out);
+                Ok(())
+            }
+            // An outage of a remote backing past its reconnect window: not a
+            // bad range, so no policy applies; the job waits it out.
+            Err(e) if e.kind() == image::ErrorKind::Unavailable => {
+                failures.add_outage(offset, &e);
                 Ok(())
             }
             Err(e) if self.opts.on_error.stops_on(e.kind()) => {
@@ -616,7 +688,20 @@ impl Runner {
                     return Ok(Outcome::Cancelled);
                 }
                 let window = (size - pos).min(SCAN_WINDOW);
-                let extents = block_status_all(&*image, pos, window).await?;
+                let extents = match block_status_all(&*image, pos, window).await {
+                    Ok(x) => x,
+                    Err(e) if e.kind() == image::ErrorKind::Unavailable => {
+                        let probe = Probe::Scan(pos, g.min(size - pos));
+                        if let Next::Cancel = self
+                            .wait_for_backing(&e, probe, &mut tasks, &mut failures)
+                            .await?
+                        {
+                            return Ok(Outcome::Cancelled);
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 for e in &extents {
                     let Some(kind) = wants(e, base_depth) else {
                         self.shared.update(|s| s.skipped += e.length);
@@ -657,6 +742,24 @@ impl Runner {
                 self.shared.update(|st| st.info.offset = pos);
             }
             self.drain(&mut tasks, &mut failures).await?;
+            if let Some(o) = failures.outage.take() {
+                // Wait for the backing, then go again from the first range
+                // that failed for any reason.
+                let e = image::Error::Unavailable(o.message.clone());
+                let probe = Probe::Copy(o.offset, chunk.min(size - o.offset));
+                if let Next::Cancel = self
+                    .wait_for_backing(&e, probe, &mut tasks, &mut failures)
+                    .await?
+                {
+                    return Ok(Outcome::Cancelled);
+                }
+                pos = failures
+                    .first
+                    .take()
+                    .map_or(o.offset, |f| f.offset.min(o.offset));
+                failures.count = 0;
+                continue;
+            }
             if let Some(first) = failures.take_stopped(self.opts.on_error) {
                 // on-error=stop: pause, then retry from the first failed range.
                 self.shared.update(|st| {
@@ -706,9 +809,30 @@ struct Failure {
 struct Failures {
     count: u64,
     first: Option<Failure>,
+    /// The first range that failed because the backing was unavailable.
+    outage: Option<Failure>,
+}
+
+/// What [`Runner::wait_for_backing`] retries to see the backing is back.
+#[derive(Clone, Copy, Debug)]
+enum Probe {
+    /// Copy this range (the first one that failed).
+    Copy(u64, u64),
+    /// Block status of this range (the scan failed).
+    Scan(u64, u64),
 }
 
 impl Failures {
+    fn add_outage(&mut self, offset: u64, e: &image::Error) {
+        if self.outage.as_ref().is_none_or(|f| offset < f.offset) {
+            self.outage = Some(Failure {
+                offset,
+                message: e.to_string(),
+                kind: e.kind(),
+            });
+        }
+    }
+
     fn add(&mut self, offset: u64, e: &image::Error) {
         self.count += 1;
         if self.first.as_ref().is_none_or(|f| offset < f.offset) {

@@ -52,6 +52,10 @@ impl OnErrorPolicy {
 
     /// The `action` of `BLOCK_JOB_ERROR` when a copy fails with `kind`.
     pub fn action(self, kind: image::ErrorKind) -> &'static str {
+        if kind == image::ErrorKind::Unavailable {
+            // The outage policy, whatever on-error says: the job waits.
+            return "stop";
+        }
         match self {
             OnErrorPolicy::Report | OnErrorPolicy::Auto => "report",
             OnErrorPolicy::Stop => "stop",
