@@ -82,10 +82,10 @@ async fn slot(
             r
         };
         counts.ops.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = r {
-            if counts.errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                eprintln!("load: first error: {e}");
-            }
+        if let Err(e) = r
+            && counts.errors.fetch_add(1, Ordering::Relaxed) == 0
+        {
+            eprintln!("load: first error: {e}");
         }
     }
     (start, model)
