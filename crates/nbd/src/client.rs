@@ -208,6 +208,10 @@ impl ExportInfo {
 /// Largest payload we send or accept when the server does not say (the
 /// spec's default maximum for clients is 32 MiB).
 const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
+/// Largest minimum block size a server may advertise (the NBD spec's
+/// limit for `NBD_INFO_BLOCK_SIZE`).
+const MAX_MIN_BLOCK: u32 = 64 << 10;
+
 /// Requests retried at most this many times across reconnects.
 const MAX_ATTEMPTS: u32 = 16;
 
@@ -348,6 +352,15 @@ async fn negotiate(
         match next_opt_reply(&mut rd).await?.reply {
             OptReply::Info(InfoItem::Export { size, flags }) => export = Some((size, flags)),
             OptReply::Info(InfoItem::BlockSize { min, max, .. }) => {
+                // The spec's limits: a power of two of at most 64 KiB. A
+                // larger one used to make the clamp below panic (found by
+                // the nbd_client fuzz target).
+                if min > MAX_MIN_BLOCK || !min.max(1).is_power_of_two() {
+                    return Err(NegoError::Refused(format!(
+                        "server advertises minimum block size {min}: must be a power of two \
+                         of at most {MAX_MIN_BLOCK}"
+                    )));
+                }
                 min_block = min.max(1);
                 max_payload = max.clamp(min_block, DEFAULT_MAX_PAYLOAD);
             }

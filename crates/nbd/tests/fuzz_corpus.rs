@@ -52,3 +52,33 @@ fn nbd_server_corpus_replays_cleanly() {
 fn nbd_client_corpus_replays_cleanly() {
     replay("nbd_client", nbd::fuzzing::fuzz_client);
 }
+
+/// Finding of the nbd_client target: a server advertising a minimum block
+/// size above the client's largest payload made negotiation panic
+/// (`clamp` with min > max). Now the client refuses the export, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_refuses_a_minimum_block_size_above_the_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/nbd_client");
+    let data = std::fs::read(dir.join("crash-min-block-above-max-payload")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("s.sock");
+    let l = tokio::net::UnixListener::bind(&sock).unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let _ = s.write_all(&data).await;
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink).await;
+    });
+    let opts = nbd::client::ClientOptions {
+        reconnect_window: Some(std::time::Duration::ZERO),
+        ..Default::default()
+    };
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    let e = nbd::client::NbdClient::connect_uri(&uri, opts)
+        .await
+        .err()
+        .expect("the export must be refused");
+    assert!(e.to_string().contains("minimum block size"), "{e}");
+    server.abort();
+}
