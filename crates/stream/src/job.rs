@@ -6,6 +6,12 @@
 //! chunks it reads its control channel (pause, resume, cancel, speed), so
 //! control takes effect within one chunk per copy in flight. When the scan is
 //! done it re-checks that nothing above the base is remote, then relinks.
+//!
+//! Failed copies follow `on-error`, except one kind: a backing that is
+//! [`image::ErrorKind::Unavailable`] (a remote outage past its reconnect
+//! window) is not a bad range, so whatever the policy the job pauses itself,
+//! probes the backing with backoff, and resumes when it answers (DESIGN.md's
+//! outage policy).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
