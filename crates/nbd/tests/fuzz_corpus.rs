@@ -75,10 +75,9 @@ async fn client_refuses_a_minimum_block_size_above_the_limit() {
         ..Default::default()
     };
     let uri = format!("nbd+unix:///disk?socket={}", sock.display());
-    let e = nbd::client::NbdClient::connect_uri(&uri, opts)
-        .await
-        .err()
-        .expect("the export must be refused");
+    let Err(e) = nbd::client::NbdClient::connect_uri(&uri, opts).await else {
+        panic!("the export must be refused");
+    };
     assert!(e.to_string().contains("minimum block size"), "{e}");
     server.abort();
 }
