@@ -22,6 +22,8 @@ use tokio::sync::broadcast;
 const UNIT: u64 = 64 << 10;
 const SIZE: u64 = 4 << 20;
 const WAIT: Duration = Duration::from_secs(30);
+/// `fail_errno` value that injects an outage ([`image::ErrorKind::Unavailable`]).
+const UNAVAILABLE: i32 = -1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Unit {
@@ -164,6 +166,11 @@ impl Format for MemOverlay {
                 st.fail_at = Some((at, n - 1));
                 let e = match st.fail_errno {
                     0 => io::Error::other("injected write failure"),
+                    UNAVAILABLE => {
+                        return Err(image::Error::Unavailable(
+                            "injected: backing unreachable past the window".into(),
+                        ));
+                    }
                     errno => io::Error::from_raw_os_error(errno),
                 };
                 return Err(image::Error::io("mem-overlay", "write", e));
@@ -536,6 +543,40 @@ async fn on_error_enospc_pauses_on_enospc_and_resume_completes() {
     assert_eq!(j["paused"], true);
     exec(&h, "block-job-resume", json!({"device": "top"})).await;
     until(&mut s.events, &mut seen, "BLOCK_JOB_COMPLETED", None).await;
+    assert_streamed(&s).await;
+    s.handle.shutdown().await;
+}
+
+/// The outage policy, whatever on-error says: a copy failing because the
+/// backing is unavailable pauses the job with BLOCK_JOB_ERROR, and the job
+/// resumes by itself (no user resume) once the backing answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_backing_pauses_the_job_and_it_resumes_by_itself() {
+    let mut s = setup().await;
+    let h = s.handle.clone();
+    let mut seen = Vec::new();
+    // Four failed probes keep it paused for about 1.5 s (backoff from 100 ms).
+    s.overlay.fail_writes_with(SIZE / 2, 5, UNAVAILABLE);
+    exec(
+        &h,
+        "block-stream",
+        json!({"device": "top", "__com.diskstream_chunk-size": UNIT}),
+    )
+    .await;
+    let err = until(&mut s.events, &mut seen, "BLOCK_JOB_ERROR", None).await;
+    assert_eq!(
+        err,
+        json!({"device": "top", "operation": "read", "action": "stop"})
+    );
+    until(&mut s.events, &mut seen, "BLOCK_JOB_COMPLETED", None).await;
+    assert!(
+        seen.iter().any(|e| e == "JOB_STATUS_CHANGE:paused"),
+        "{seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|e| e == "JOB_STATUS_CHANGE:aborting"),
+        "{seen:?}"
+    );
     assert_streamed(&s).await;
     s.handle.shutdown().await;
 }
