@@ -612,7 +612,10 @@ impl Conn {
                     .ok_or_else(|| format!("chunk for unknown cookie {cookie:#x}"))?;
                 let (start, len) = (p.offset, p.read_len as u64);
                 let place = |off: u64, n: u64| -> std::result::Result<usize, String> {
-                    if off < start || off + n > start + len {
+                    // checked: a hostile offset near u64::MAX must not wrap
+                    // around into the buffer (found by the nbd_client fuzz
+                    // target).
+                    if off < start || off.checked_add(n).is_none_or(|e| e > start + len) {
                         return Err(format!(
                             "chunk at {off}+{n} outside the request {start}+{len}"
                         ));
