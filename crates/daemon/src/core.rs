@@ -21,7 +21,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::export::{Exports, NbdAddr, NewExport};
 use crate::job::state::{apply_verb, can_transition};
-use crate::job::stream_job::{BlockJob, EngineEvent, OnErrorPolicy};
+use crate::job::stream_job::{BlockJob, EngineEvent, OnErrorPolicy, io_status_of};
 use crate::job::{JobStatus, JobVerb};
 use crate::qmp::args::Args;
 use crate::qmp::codec::Event;
@@ -1288,17 +1288,27 @@ impl Core {
                         // running again, or about to say so.
                         return;
                     }
-                    // The engine paused itself: on-error=stop after a failed copy.
+                    // The engine paused itself: on-error=stop (or enospc
+                    // and out of space) after a failed copy.
+                    let kind = self.jobs[idx]
+                        .engine
+                        .info()
+                        .error_kind
+                        .unwrap_or(image::ErrorKind::Io);
+                    let (io_status, operation) = io_status_of(kind);
                     let job = &mut self.jobs[idx];
-                    job.user_paused = true;
-                    job.io_status = "failed";
-                    let data = json!({"device": job.id, "operation": "read", "action": job.on_error.action()});
+                    // An outage pause ends by itself when the backing is
+                    // back; any other is the user's to resume.
+                    job.user_paused = kind != image::ErrorKind::Unavailable;
+                    job.io_status = io_status;
+                    let data = json!({"device": job.id, "operation": operation, "action": job.on_error.action(kind)});
                     self.emit("BLOCK_JOB_ERROR", data);
                 }
                 self.transition(idx, JobStatus::Paused);
             }
             EngineEvent::State(stream::JobState::Running) => {
                 if self.jobs[idx].status == JobStatus::Paused {
+                    self.jobs[idx].io_status = "ok";
                     self.transition(idx, JobStatus::Running);
                 }
             }
@@ -1326,10 +1336,11 @@ impl Core {
                     }
                     Ok(_) => self.abort(idx, true),
                     Err(e) => {
+                        let (io_status, operation) = io_status_of(e.kind());
                         let job = &mut self.jobs[idx];
                         job.error = Some(e.to_string());
-                        job.io_status = "failed";
-                        let data = json!({"device": job.id, "operation": "read", "action": job.on_error.action()});
+                        job.io_status = io_status;
+                        let data = json!({"device": job.id, "operation": operation, "action": job.on_error.action(e.kind())});
                         self.emit("BLOCK_JOB_ERROR", data);
                         self.abort(idx, false);
                     }

@@ -12,6 +12,7 @@
 
 pub mod core;
 pub mod export;
+pub mod fuzzing;
 pub mod job;
 pub mod qmp;
 pub mod server;

@@ -22,6 +22,8 @@ use tokio::sync::broadcast;
 const UNIT: u64 = 64 << 10;
 const SIZE: u64 = 4 << 20;
 const WAIT: Duration = Duration::from_secs(30);
+/// `fail_errno` value that injects an outage ([`image::ErrorKind::Unavailable`]).
+const UNAVAILABLE: i32 = -1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Unit {
@@ -37,6 +39,8 @@ struct MemState {
     backing: Option<BackingSpec>,
     /// Writes touching this offset fail while the count is above zero.
     fail_at: Option<(u64, u32)>,
+    /// The errno of the injected failures; 0 = a plain I/O error.
+    fail_errno: i32,
 }
 
 /// A minimal overlay format in memory: one unit size, identity mapping.
@@ -55,6 +59,7 @@ impl MemOverlay {
                 data: vec![0; SIZE as usize],
                 backing,
                 fail_at: None,
+                fail_errno: 0,
             }),
         }
     }
@@ -65,6 +70,12 @@ impl MemOverlay {
 
     fn fail_writes_at(&self, offset: u64, times: u32) {
         self.st().fail_at = Some((offset, times));
+    }
+
+    fn fail_writes_with(&self, offset: u64, times: u32, errno: i32) {
+        let mut st = self.st();
+        st.fail_at = Some((offset, times));
+        st.fail_errno = errno;
     }
 
     fn mark(&self, offset: u64, len: u64, u: Unit) {
@@ -153,11 +164,16 @@ impl Format for MemOverlay {
                 && (offset..end).contains(&at)
             {
                 st.fail_at = Some((at, n - 1));
-                return Err(image::Error::io(
-                    "mem-overlay",
-                    "write",
-                    io::Error::other("injected write failure"),
-                ));
+                let e = match st.fail_errno {
+                    0 => io::Error::other("injected write failure"),
+                    UNAVAILABLE => {
+                        return Err(image::Error::Unavailable(
+                            "injected: backing unreachable past the window".into(),
+                        ));
+                    }
+                    errno => io::Error::from_raw_os_error(errno),
+                };
+                return Err(image::Error::io("mem-overlay", "write", e));
             }
             for f in fill {
                 let a = f.offset as usize;
@@ -493,6 +509,107 @@ async fn on_error_stop_pauses_with_block_job_error_and_resume_retries() {
         ]
     );
     assert_streamed(&s).await;
+    s.handle.shutdown().await;
+}
+
+/// `on-error=enospc` (QEMU's semantics): out of space pauses the job with
+/// io-status `nospace`, and resuming after space is freed completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_error_enospc_pauses_on_enospc_and_resume_completes() {
+    let mut s = setup().await;
+    let h = s.handle.clone();
+    let mut seen = Vec::new();
+    s.overlay.fail_writes_with(SIZE / 2, 1, libc::ENOSPC);
+    exec(
+        &h,
+        "block-stream",
+        json!({"device": "top", "on-error": "enospc", "__com.diskstream_chunk-size": UNIT}),
+    )
+    .await;
+    let err = until(&mut s.events, &mut seen, "BLOCK_JOB_ERROR", None).await;
+    assert_eq!(
+        err,
+        json!({"device": "top", "operation": "write", "action": "stop"})
+    );
+    until(
+        &mut s.events,
+        &mut seen,
+        "JOB_STATUS_CHANGE",
+        Some("paused"),
+    )
+    .await;
+    let j = query_job(&h, "top").await.unwrap();
+    assert_eq!(j["io-status"], "nospace", "{j}");
+    assert_eq!(j["paused"], true);
+    exec(&h, "block-job-resume", json!({"device": "top"})).await;
+    until(&mut s.events, &mut seen, "BLOCK_JOB_COMPLETED", None).await;
+    assert_streamed(&s).await;
+    s.handle.shutdown().await;
+}
+
+/// The outage policy, whatever on-error says: a copy failing because the
+/// backing is unavailable pauses the job with BLOCK_JOB_ERROR, and the job
+/// resumes by itself (no user resume) once the backing answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_backing_pauses_the_job_and_it_resumes_by_itself() {
+    let mut s = setup().await;
+    let h = s.handle.clone();
+    let mut seen = Vec::new();
+    // Four failed probes keep it paused for about 1.5 s (backoff from 100 ms).
+    s.overlay.fail_writes_with(SIZE / 2, 5, UNAVAILABLE);
+    exec(
+        &h,
+        "block-stream",
+        json!({"device": "top", "__com.diskstream_chunk-size": UNIT}),
+    )
+    .await;
+    let err = until(&mut s.events, &mut seen, "BLOCK_JOB_ERROR", None).await;
+    assert_eq!(
+        err,
+        json!({"device": "top", "operation": "read", "action": "stop"})
+    );
+    until(&mut s.events, &mut seen, "BLOCK_JOB_COMPLETED", None).await;
+    assert!(
+        seen.iter().any(|e| e == "JOB_STATUS_CHANGE:paused"),
+        "{seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|e| e == "JOB_STATUS_CHANGE:aborting"),
+        "{seen:?}"
+    );
+    assert_streamed(&s).await;
+    s.handle.shutdown().await;
+}
+
+/// `on-error=enospc` reports (fails the job on) an error that is not
+/// ENOSPC, where `stop` would pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_error_enospc_fails_the_job_on_other_errors() {
+    let mut s = setup().await;
+    let h = s.handle.clone();
+    let mut seen = Vec::new();
+    s.overlay.fail_writes_with(SIZE / 2, u32::MAX, libc::EIO);
+    exec(
+        &h,
+        "block-stream",
+        json!({"device": "top", "on-error": "enospc", "auto-dismiss": false,
+               "__com.diskstream_chunk-size": UNIT}),
+    )
+    .await;
+    let err = until(&mut s.events, &mut seen, "BLOCK_JOB_ERROR", None).await;
+    assert_eq!(
+        err,
+        json!({"device": "top", "operation": "read", "action": "report"})
+    );
+    let done = until(&mut s.events, &mut seen, "BLOCK_JOB_COMPLETED", None).await;
+    assert!(done["error"].as_str().is_some(), "{done}");
+    let j = query_job(&h, "top").await.unwrap();
+    assert_eq!(j["status"], "concluded", "{j}");
+    assert_eq!(j["io-status"], "failed", "{j}");
+    assert!(
+        s.image.backing().is_some(),
+        "a failed stream must keep the backing"
+    );
     s.handle.shutdown().await;
 }
 

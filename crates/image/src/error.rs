@@ -33,6 +33,10 @@ pub enum ErrorKind {
     Locked,
     /// The backing chain is missing, loops or is too deep.
     Backing,
+    /// A remote backing is not answering (an outage that outlasted the
+    /// reconnect window). Unlike `Io` it is expected to pass: a stream job
+    /// pauses and retries rather than failing.
+    Unavailable,
     /// A bug: an invariant of diskstream itself did not hold.
     Internal,
 }
@@ -78,6 +82,9 @@ pub enum Error {
     },
     #[error("{0}")]
     Remote(String),
+    /// See [`ErrorKind::Unavailable`].
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -94,7 +101,11 @@ impl Error {
 
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+            // StorageFull without an errno: an ENOSPC reply of an NBD peer.
+            Error::Io { source, .. }
+                if source.raw_os_error() == Some(libc::ENOSPC)
+                    || source.kind() == io::ErrorKind::StorageFull =>
+            {
                 ErrorKind::NoSpace
             }
             Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
@@ -110,6 +121,7 @@ impl Error {
             Error::OutOfRange { .. } => ErrorKind::OutOfRange,
             Error::Locked { .. } => ErrorKind::Locked,
             Error::Backing { .. } => ErrorKind::Backing,
+            Error::Unavailable(_) => ErrorKind::Unavailable,
             Error::Internal(_) => ErrorKind::Internal,
         }
     }
@@ -127,6 +139,7 @@ impl Error {
             | ErrorKind::Corrupt
             | ErrorKind::Locked
             | ErrorKind::Backing
+            | ErrorKind::Unavailable
             | ErrorKind::Internal => libc::EIO,
         }
     }

@@ -213,6 +213,10 @@ impl ExportInfo {
 /// Largest payload we send or accept when the server does not say (the
 /// spec's default maximum for clients is 32 MiB).
 const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
+/// Largest minimum block size a server may advertise (the NBD spec's
+/// limit for `NBD_INFO_BLOCK_SIZE`).
+const MAX_MIN_BLOCK: u32 = 64 << 10;
+
 /// Requests retried at most this many times across reconnects.
 const MAX_ATTEMPTS: u32 = 16;
 
@@ -353,6 +357,15 @@ async fn negotiate(
         match next_opt_reply(&mut rd).await?.reply {
             OptReply::Info(InfoItem::Export { size, flags }) => export = Some((size, flags)),
             OptReply::Info(InfoItem::BlockSize { min, max, .. }) => {
+                // The spec's limits: a power of two of at most 64 KiB. A
+                // larger one used to make the clamp below panic (found by
+                // the nbd_client fuzz target).
+                if min > MAX_MIN_BLOCK || !min.max(1).is_power_of_two() {
+                    return Err(NegoError::Refused(format!(
+                        "server advertises minimum block size {min}: must be a power of two \
+                         of at most {MAX_MIN_BLOCK}"
+                    )));
+                }
                 min_block = min.max(1);
                 max_payload = max.clamp(min_block, DEFAULT_MAX_PAYLOAD);
             }
@@ -604,7 +617,10 @@ impl Conn {
                     .ok_or_else(|| format!("chunk for unknown cookie {cookie:#x}"))?;
                 let (start, len) = (p.offset, p.read_len as u64);
                 let place = |off: u64, n: u64| -> std::result::Result<usize, String> {
-                    if off < start || off + n > start + len {
+                    // checked: a hostile offset near u64::MAX must not wrap
+                    // around into the buffer (found by the nbd_client fuzz
+                    // target).
+                    if off < start || off.checked_add(n).is_none_or(|e| e > start + len) {
                         return Err(format!(
                             "chunk at {off}+{n} outside the request {start}+{len}"
                         ));
@@ -901,7 +917,7 @@ impl NbdClient {
                     error,
                     since,
                 } => {
-                    return Err(Error::Remote(format!(
+                    return Err(Error::Unavailable(format!(
                         "{}: server unreachable for {:.1?} (reconnect window {}): {error}",
                         self.shared.uri,
                         since.elapsed(),
@@ -947,7 +963,7 @@ impl NbdClient {
                     continue;
                 }
                 Err(Lost(why)) => {
-                    return Err(Error::Remote(format!(
+                    return Err(Error::Unavailable(format!(
                         "{}: {command} at offset {offset} length {length}: connection lost \
                          ({why}){}",
                         self.shared.uri,

@@ -10,5 +10,6 @@
 pub mod client;
 pub mod codec;
 pub mod conn;
+pub mod fuzzing;
 pub mod server;
 pub mod tls;

@@ -6,6 +6,12 @@
 //! chunks it reads its control channel (pause, resume, cancel, speed), so
 //! control takes effect within one chunk per copy in flight. When the scan is
 //! done it re-checks that nothing above the base is remote, then relinks.
+//!
+//! Failed copies follow `on-error`, except one kind: a backing that is
+//! [`image::ErrorKind::Unavailable`] (a remote outage past its reconnect
+//! window) is not a bad range, so whatever the policy the job pauses itself,
+//! probes the backing with backoff, and resumes when it answers (DESIGN.md's
+//! outage policy).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -33,6 +39,9 @@ const SCAN_WINDOW: u64 = 1 << 30;
 /// pass finds ranges that are still remote (copies that failed and were
 /// ignored are not retried; this covers ranges that changed under the scan).
 const MAX_PASSES: u32 = 3;
+/// First and longest pause between probes of an unavailable backing.
+const OUTAGE_PROBE_MIN: Duration = Duration::from_millis(100);
+const OUTAGE_PROBE_MAX: Duration = Duration::from_secs(2);
 
 /// What a failed copy does to the job (QEMU's `on-error`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -46,6 +55,22 @@ pub enum OnError {
     /// Skip the range and go on; the job then ends with an error and keeps
     /// the backing link, since the image still needs it.
     Ignore,
+    /// Pause as `Stop` when the copy failed for lack of space
+    /// ([`image::ErrorKind::NoSpace`]: freeing space and resuming helps),
+    /// fail the job as `Report` on any other error.
+    Enospc,
+}
+
+impl OnError {
+    /// Whether a failed copy with error `kind` pauses the job (rather than
+    /// failing it or being skipped).
+    pub fn stops_on(self, kind: image::ErrorKind) -> bool {
+        match self {
+            OnError::Stop => true,
+            OnError::Enospc => kind == image::ErrorKind::NoSpace,
+            OnError::Report | OnError::Ignore => false,
+        }
+    }
 }
 
 /// How to stream.
@@ -143,6 +168,10 @@ pub struct JobInfo {
     pub eta_seconds: Option<f64>,
     pub errors_ignored: u64,
     pub error: Option<String>,
+    /// What kind of error `error` is (a paused `on-error=stop|enospc` job
+    /// reports `nospace` or `failed` from it).
+    #[serde(skip)]
+    pub error_kind: Option<image::ErrorKind>,
 }
 
 /// How a job ended when it did not fail.
@@ -178,7 +207,19 @@ pub enum StreamError {
         count: u64,
         first: u64,
         message: String,
+        /// The kind of the first failure.
+        kind: image::ErrorKind,
     },
+}
+
+impl StreamError {
+    /// The kind of the underlying image error (`Io` for skipped ranges).
+    pub fn kind(&self) -> image::ErrorKind {
+        match self {
+            StreamError::Image(e) => e.kind(),
+            StreamError::Incomplete { kind, .. } => *kind,
+        }
+    }
 }
 
 impl From<image::Error> for StreamError {
@@ -285,6 +326,7 @@ impl StreamJob {
             eta_seconds: None,
             errors_ignored: 0,
             error: None,
+            error_kind: None,
         };
         let (state_tx, _) = watch::channel(JobState::Running);
         let (control, ctl_rx) = watch::channel(Control {
@@ -690,6 +732,69 @@ impl Runner {
         }
     }
 
+    /// The outage policy: a remote backing stopped answering (past its
+    /// reconnect window). The job pauses itself, with the error in its info,
+    /// probes the backing with backoff, and resumes once the probe works.
+    /// Ends early on cancel; a probe failing another way fails the job.
+    async fn wait_for_backing(
+        &mut self,
+        e: &image::Error,
+        probe: Probe,
+        tasks: &mut JoinSet<CopyResult>,
+        failures: &mut Failures,
+    ) -> Result<Next, StreamError> {
+        self.drain(tasks, failures).await?;
+        let say = |st: &Shared, msg: Option<String>| {
+            st.update(|s| {
+                s.info.error_kind = msg.as_ref().map(|_| image::ErrorKind::Unavailable);
+                s.info.error = msg;
+            })
+        };
+        say(&self.shared, Some(e.to_string()));
+        self.shared.set_state(JobState::Paused);
+        let mut delay = OUTAGE_PROBE_MIN;
+        // Bounded by the backing coming back, a failure of another kind, or
+        // a cancel; the wait itself is the policy (the reconnect window is
+        // the client's, and the job has none: it resumes when it can).
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                r = self.ctl.changed() => {
+                    if r.is_err() {
+                        return Ok(Next::Cancel);
+                    }
+                }
+            }
+            if self.ctl.borrow().cancelled {
+                say(&self.shared, None);
+                return Ok(Next::Cancel);
+            }
+            let r = match probe {
+                Probe::Copy(off, len) => {
+                    let base_depth = self.opts.base.depth;
+                    self.image
+                        .populate(off, len, base_depth)
+                        .await
+                        .map(|out| self.shared.add_done(out))
+                }
+                Probe::Scan(off, len) => block_status_all(&*self.image, off, len).await.map(|_| ()),
+            };
+            match r {
+                Ok(()) => break,
+                Err(e) if e.kind() == image::ErrorKind::Unavailable => {
+                    say(&self.shared, Some(e.to_string()));
+                    delay = (delay * 2).min(OUTAGE_PROBE_MAX);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        say(&self.shared, None);
+        if !self.ctl.borrow().paused {
+            self.shared.set_state(JobState::Running);
+        }
+        Ok(Next::Go)
+    }
+
     /// Waits for every copy in flight.
     async fn drain(
         &mut self,
@@ -726,15 +831,23 @@ impl Runner {
                 self.shared.add_done(out);
                 Ok(())
             }
+            // An outage of a remote backing past its reconnect window: not a
+            // bad range, so no policy applies; the job waits it out.
+            Err(e) if e.kind() == image::ErrorKind::Unavailable => {
+                failures.add_outage(offset, &e);
+                Ok(())
+            }
+            Err(e) if self.opts.on_error.stops_on(e.kind()) => {
+                failures.add(offset, &e);
+                Ok(())
+            }
             Err(e) => match self.opts.on_error {
-                OnError::Report => Err(e.into()),
-                OnError::Stop | OnError::Ignore => {
+                OnError::Ignore => {
                     failures.add(offset, &e);
-                    if self.opts.on_error == OnError::Ignore {
-                        self.shared.update(|s| s.info.errors_ignored += 1);
-                    }
+                    self.shared.update(|s| s.info.errors_ignored += 1);
                     Ok(())
                 }
+                OnError::Report | OnError::Stop | OnError::Enospc => Err(e.into()),
             },
         }
     }
@@ -880,7 +993,20 @@ impl Runner {
                     return Ok(Outcome::Cancelled);
                 }
                 let window = (size - pos).min(SCAN_WINDOW);
-                let extents = block_status_all(&*image, pos, window).await?;
+                let extents = match block_status_all(&*image, pos, window).await {
+                    Ok(x) => x,
+                    Err(e) if e.kind() == image::ErrorKind::Unavailable => {
+                        let probe = Probe::Scan(pos, g.min(size - pos));
+                        if let Next::Cancel = self
+                            .wait_for_backing(&e, probe, &mut io.tasks, &mut io.failures)
+                            .await?
+                        {
+                            return Ok(Outcome::Cancelled);
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 for e in &extents {
                     let Some(kind) = wants(e, base_depth) else {
                         self.shared.update(|s| s.skipped += e.length);
@@ -913,15 +1039,39 @@ impl Runner {
                 self.shared.update(|st| st.info.offset = pos);
             }
             self.drain(&mut io.tasks, &mut io.failures).await?;
+            if let Some(o) = io.failures.outage.take() {
+                // Wait for the backing, then go again from the first range
+                // that failed for any reason.
+                let e = image::Error::Unavailable(o.message.clone());
+                let probe = Probe::Copy(o.offset, chunk.min(size - o.offset));
+                if let Next::Cancel = self
+                    .wait_for_backing(&e, probe, &mut io.tasks, &mut io.failures)
+                    .await?
+                {
+                    return Ok(Outcome::Cancelled);
+                }
+                pos = io
+                    .failures
+                    .first
+                    .take()
+                    .map_or(o.offset, |f| f.offset.min(o.offset));
+                io.failures.count = 0;
+                continue;
+            }
             if let Some(first) = io.failures.take_stopped(self.opts.on_error) {
                 // on-error=stop: pause, then retry from the first failed range.
-                self.shared
-                    .update(|st| st.info.error = Some(first.message.clone()));
+                self.shared.update(|st| {
+                    st.info.error = Some(first.message.clone());
+                    st.info.error_kind = Some(first.kind);
+                });
                 self.shared.control.send_modify(|c| c.paused = true);
                 if let Next::Cancel = self.checkpoint(&mut io.tasks, &mut io.failures).await? {
                     return Ok(Outcome::Cancelled);
                 }
-                self.shared.update(|st| st.info.error = None);
+                self.shared.update(|st| {
+                    st.info.error = None;
+                    st.info.error_kind = None;
+                });
                 pos = first.offset;
                 continue;
             }
@@ -960,27 +1110,52 @@ struct Io {
 struct Failure {
     offset: u64,
     message: String,
+    kind: image::ErrorKind,
 }
 
 #[derive(Debug, Default)]
 struct Failures {
     count: u64,
     first: Option<Failure>,
+    /// The first range that failed because the backing was unavailable.
+    outage: Option<Failure>,
+}
+
+/// What [`Runner::wait_for_backing`] retries to see the backing is back.
+#[derive(Clone, Copy, Debug)]
+enum Probe {
+    /// Copy this range (the first one that failed).
+    Copy(u64, u64),
+    /// Block status of this range (the scan failed).
+    Scan(u64, u64),
 }
 
 impl Failures {
+    fn add_outage(&mut self, offset: u64, e: &image::Error) {
+        if self.outage.as_ref().is_none_or(|f| offset < f.offset) {
+            self.outage = Some(Failure {
+                offset,
+                message: e.to_string(),
+                kind: e.kind(),
+            });
+        }
+    }
+
     fn add(&mut self, offset: u64, e: &image::Error) {
         self.count += 1;
         if self.first.as_ref().is_none_or(|f| offset < f.offset) {
             self.first = Some(Failure {
                 offset,
                 message: e.to_string(),
+                kind: e.kind(),
             });
         }
     }
 
     fn take_stopped(&mut self, policy: OnError) -> Option<Failure> {
-        if policy != OnError::Stop {
+        // Only failures the policy stops on were recorded, except under
+        // `Ignore`, which never stops.
+        if policy == OnError::Ignore || policy == OnError::Report {
             return None;
         }
         self.count = 0;
@@ -993,6 +1168,7 @@ impl Failures {
             count: self.count,
             first: f.offset,
             message: f.message.clone(),
+            kind: f.kind,
         })
     }
 }

@@ -39,25 +39,41 @@ impl OnErrorPolicy {
         })
     }
 
-    /// The engine's policy. The engine does not tell ENOSPC from other
-    /// errors, so `enospc` (stop on ENOSPC, report others) becomes `stop`:
-    /// the job waits for the user rather than failing. `auto` is `report`
-    /// for a stream job, as in QEMU.
+    /// The engine's policy. `auto` is `report` for a stream job, as in
+    /// QEMU; `enospc` pauses on ENOSPC and fails the job on other errors.
     pub fn engine(self) -> stream::OnError {
         match self {
             OnErrorPolicy::Report | OnErrorPolicy::Auto => stream::OnError::Report,
-            OnErrorPolicy::Stop | OnErrorPolicy::Enospc => stream::OnError::Stop,
+            OnErrorPolicy::Stop => stream::OnError::Stop,
+            OnErrorPolicy::Enospc => stream::OnError::Enospc,
             OnErrorPolicy::Ignore => stream::OnError::Ignore,
         }
     }
 
-    /// The `action` of `BLOCK_JOB_ERROR` when a copy fails.
-    pub fn action(self) -> &'static str {
+    /// The `action` of `BLOCK_JOB_ERROR` when a copy fails with `kind`.
+    pub fn action(self, kind: image::ErrorKind) -> &'static str {
+        if kind == image::ErrorKind::Unavailable {
+            // The outage policy, whatever on-error says: the job waits.
+            return "stop";
+        }
         match self {
             OnErrorPolicy::Report | OnErrorPolicy::Auto => "report",
-            OnErrorPolicy::Stop | OnErrorPolicy::Enospc => "stop",
+            OnErrorPolicy::Stop => "stop",
+            OnErrorPolicy::Enospc if kind == image::ErrorKind::NoSpace => "stop",
+            OnErrorPolicy::Enospc => "report",
             OnErrorPolicy::Ignore => "ignore",
         }
+    }
+}
+
+/// QEMU's `BlockDeviceIoStatus` and the `operation` of `BLOCK_JOB_ERROR`
+/// for a failed copy of kind `kind`: lack of space is a failed write (of the
+/// copy into the top image), anything else is counted as a failed read.
+pub fn io_status_of(kind: image::ErrorKind) -> (&'static str, &'static str) {
+    if kind == image::ErrorKind::NoSpace {
+        ("nospace", "write")
+    } else {
+        ("failed", "read")
     }
 }
 
