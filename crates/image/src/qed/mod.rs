@@ -105,6 +105,10 @@ pub(crate) struct Meta {
     /// Where the next appended cluster goes (the file length rounded up to
     /// a cluster, plus what was handed out since).
     file_end: u64,
+    /// Data clusters handed out to writes that then failed (a full disk):
+    /// referenced by no table, so the next allocations reuse them instead
+    /// of leaving them as leaks.
+    spare: Vec<u64>,
     /// Writes between allocating clusters and publishing them in L2 tables.
     allocating: u32,
     /// When the last table-changing write ran.
@@ -175,6 +179,15 @@ impl Meta {
         let at = self.file_end;
         self.file_end += bytes;
         at
+    }
+
+    /// One data cluster: a spare one left by a failed write, else a new
+    /// one at the end of the file.
+    fn data_cluster(&mut self) -> u64 {
+        match self.spare.pop() {
+            Some(c) => c,
+            None => self.append(self.cluster_size()),
+        }
     }
 
     /// Whether `off` may hold a table: aligned, past the header, and the
@@ -385,6 +398,7 @@ impl Qed {
             l1_dirty: BTreeSet::new(),
             l2: TableCache::new((cache_bytes / h.table_bytes()) as usize),
             file_end: len.next_multiple_of(u64::from(h.cluster_size)),
+            spare: Vec::new(),
             allocating: 0,
             last_change: None,
         };
@@ -857,7 +871,6 @@ impl Format for Qed {
         if data.is_empty() {
             return Ok(());
         }
-        let cs = self.cluster_size();
         let first = offset >> self.cluster_bits;
         let last = (offset + data.len() as u64 - 1) >> self.cluster_bits;
         // Phase 1: look up; append runs of new clusters for what needs them.
@@ -879,10 +892,8 @@ impl Format for Qed {
             if new > 0 {
                 m.mark_need_check()?;
                 m.allocating += 1;
-                let mut next = m.append(new * cs);
                 for p in plan.iter_mut().filter(|p| p.fresh.is_some()) {
-                    p.host = next;
-                    next += cs;
+                    p.host = m.data_cluster();
                 }
             }
             plan
@@ -891,8 +902,8 @@ impl Format for Qed {
         // Phase 2: the data, without the lock.
         let written = self.write_data(offset, data, &plan, fill);
         // Phase 3: point the L2 entries at the new data (written back at the
-        // next flush, after a sync of the data). A failed write leaves its
-        // new clusters as leaks.
+        // next flush, after a sync of the data). A failed write gives its new
+        // clusters back for the next allocations.
         let mut m = self.lock();
         let mut result = written;
         if result.is_ok() {
@@ -902,6 +913,9 @@ impl Format for Qed {
                     break;
                 }
             }
+        } else {
+            let fresh = plan.iter().filter(|p| p.fresh.is_some());
+            m.spare.extend(fresh.map(|p| p.host));
         }
         if allocating {
             m.allocating -= 1;
