@@ -637,8 +637,9 @@ impl Core {
             },
             format: Some(driver.to_string()),
             backing,
-            // Backings named nbd://, nbd+unix:// (post-copy migration).
-            opener: Some(Arc::new(nbd::client::NbdOpener::default())),
+            // Backings named nbd://, nbd+unix:// (post-copy migration) and
+            // http(s):// (a central repository).
+            opener: Some(remote_opener()),
             ..OpenOptions::default()
         };
         let image = image::open(&path, &opts)
@@ -1272,4 +1273,12 @@ async fn allocation(image: &Image) -> Result<(u64, u64), QmpError> {
         pos += n;
     }
     Ok((local, remote))
+}
+
+/// The opener for remote backing names: NBD URIs and HTTP(S) URLs.
+pub fn remote_opener() -> Arc<dyn image::open::Opener> {
+    Arc::new(image::open::Openers(vec![
+        Arc::new(nbd::client::NbdOpener::default()),
+        Arc::new(http::HttpOpener::default()),
+    ]))
 }

@@ -10,6 +10,7 @@
 pub mod device;
 pub mod error;
 pub mod format;
+pub mod identity;
 pub mod image;
 pub mod iobuf;
 pub mod lock;

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use image::identity::{self, BackingIdentity};
 use image::open::{OpenOptions, Opener};
 use image::{BlockDevice, DeviceInfo, Error, Extent, ExtentKind, Result, WriteFlags};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -720,6 +721,9 @@ struct Shared {
     state: watch::Sender<State>,
     size: u64,
     closed: AtomicBool,
+    /// The identity the overlay recorded for this export, checked after
+    /// every reconnect before the new connection serves a request.
+    expect: Mutex<Option<BackingIdentity>>,
 }
 
 /// An NBD export as a [`BlockDevice`].
@@ -783,6 +787,7 @@ impl NbdClient {
             state,
             size: info.size,
             closed: AtomicBool::new(false),
+            expect: Mutex::new(None),
         });
         let supervisor = tokio::spawn(supervise(Arc::downgrade(&shared), conn)).abort_handle();
         Ok(NbdClient {
@@ -790,6 +795,26 @@ impl NbdClient {
             info,
             supervisor,
         })
+    }
+
+    /// What the export is now: its size, its transmission flags and the
+    /// checksum of the fixed sample ranges of its data.
+    pub async fn identity(&self) -> Result<BackingIdentity> {
+        Ok(BackingIdentity {
+            size: self.info.size,
+            nbd_flags: Some(self.info.flags),
+            sample: Some(identity::sample_checksum(self).await?),
+            ..BackingIdentity::default()
+        })
+    }
+
+    /// Checks the export against the identity an overlay recorded for it,
+    /// now and after every reconnect; a changed export fails for good.
+    pub async fn pin_identity(&self, expected: BackingIdentity) -> Result<()> {
+        let now = self.identity().await?;
+        expected.check(&self.shared.uri, &now)?;
+        *self.shared.expect.lock().expect("lock") = Some(expected);
+        Ok(())
     }
 
     /// What the first negotiation found.
@@ -971,9 +996,36 @@ async fn supervise(shared: Weak<Shared>, mut conn: Arc<Conn>) {
                     return;
                 }
                 Ok(Ok(n)) => {
-                    conn = Conn::start(n);
-                    s.state.send_replace(State::Up(Arc::clone(&conn)));
-                    break;
+                    let flags = n.info.flags;
+                    let fresh = Conn::start(n);
+                    let expect = s.expect.lock().expect("lock").clone();
+                    let checked = match expect {
+                        None => Ok(Ok(())),
+                        Some(e) => verify_identity(&fresh, &e, flags, size, &opts)
+                            .await
+                            .map(|now| e.check(&s.uri, &now)),
+                    };
+                    match checked {
+                        Ok(Ok(())) => {
+                            conn = fresh;
+                            s.state.send_replace(State::Up(Arc::clone(&conn)));
+                            break;
+                        }
+                        Ok(Err(changed)) => {
+                            fresh.kill("the export changed".into());
+                            let msg = changed.to_string();
+                            let msg = msg
+                                .strip_prefix(&format!("{}: ", s.uri))
+                                .unwrap_or(&msg)
+                                .to_string();
+                            s.state.send_replace(State::Failed(msg));
+                            return;
+                        }
+                        Err(Lost(why)) => {
+                            fresh.kill(why.clone());
+                            error = why;
+                        }
+                    }
                 }
                 Ok(Err(e)) => error = e.to_string(),
                 Err(_) => error = format!("no NBD handshake within {:?}", opts.connect_timeout),
@@ -992,6 +1044,49 @@ async fn supervise(shared: Weak<Shared>, mut conn: Arc<Conn>) {
             backoff = (backoff * 2).min(opts.backoff_max);
         }
     }
+}
+
+/// The identity of the export behind a fresh connection, read through it
+/// before it serves anything.
+async fn verify_identity(
+    conn: &Conn,
+    expect: &BackingIdentity,
+    flags: u16,
+    size: u64,
+    opts: &ClientOptions,
+) -> std::result::Result<BackingIdentity, Lost> {
+    let sample = match expect.sample {
+        None => None,
+        Some(_) => {
+            let mut h = identity::SampleHasher::default();
+            for (off, len) in identity::sample_ranges(size) {
+                let a = conn
+                    .call(
+                        Command::Read,
+                        0,
+                        off,
+                        len as u32,
+                        None,
+                        opts.request_timeout,
+                    )
+                    .await?;
+                if let Some((errno, msg)) = a.error {
+                    return Err(Lost(format!(
+                        "reading the identity sample at {off}: server replied {}: {msg}",
+                        errno_name(errno)
+                    )));
+                }
+                h.update(&a.data);
+            }
+            Some(h.finish())
+        }
+    };
+    Ok(BackingIdentity {
+        size,
+        nbd_flags: Some(flags),
+        sample,
+        ..BackingIdentity::default()
+    })
 }
 
 #[async_trait]
@@ -1158,7 +1253,7 @@ impl Opener for NbdOpener {
         &self,
         name: &str,
         format: Option<&str>,
-        _opts: &OpenOptions,
+        opts: &OpenOptions,
     ) -> Result<Option<Arc<dyn BlockDevice>>> {
         if !Target::is_nbd_uri(name) {
             return Ok(None);
@@ -1174,7 +1269,19 @@ impl Opener for NbdOpener {
             }
         }
         let c = NbdClient::connect_uri(name, self.options.clone()).await?;
+        if let Some(expected) = &opts.expect_identity {
+            c.pin_identity(expected.clone()).await?;
+        }
         Ok(Some(Arc::new(c)))
+    }
+
+    /// Size, transmission flags and a checksum of a sample of the data.
+    async fn identify(&self, name: &str, _format: Option<&str>) -> Result<Option<BackingIdentity>> {
+        if !Target::is_nbd_uri(name) {
+            return Ok(None);
+        }
+        let c = NbdClient::connect_uri(name, self.options.clone()).await?;
+        c.identity().await.map(Some)
     }
 }
 

@@ -168,6 +168,12 @@ pub async fn walk_chain(
     Ok(layers)
 }
 
+/// The opener for remote backing names (NBD URIs, HTTP(S) URLs), the same
+/// one the daemon uses.
+pub fn remote_opener() -> Arc<dyn image::open::Opener> {
+    ::daemon::core::remote_opener()
+}
+
 /// Opens an image with its whole backing chain, read-only.
 pub async fn open_chain(
     path: &Path,

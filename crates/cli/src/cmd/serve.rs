@@ -76,7 +76,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         writable: !args.read_only,
         cache: args.cache,
         format: args.format.clone(),
-        opener: Some(Arc::new(nbd::client::NbdOpener::default())),
+        opener: Some(super::remote_opener()),
         ..OpenOptions::default()
     };
     let img = image::open(&args.image, &opts)

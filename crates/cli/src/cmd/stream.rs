@@ -65,6 +65,7 @@ pub async fn run(args: StreamArgs) -> Result<ExitCode> {
     let opts = OpenOptions {
         writable: true,
         cache: args.cache,
+        opener: Some(super::remote_opener()),
         ..OpenOptions::default()
     };
     let img = image::open(&args.image, &opts)
