@@ -186,7 +186,7 @@ fn a_changed_http_backing_stops_the_stream_and_nothing_is_copied() {
 /// qemu-nbd exporting `img` read-only on a Unix socket.
 fn qemu_nbd(d: &Dir, img: &str, sock: &Path) -> Child {
     let _ = std::fs::remove_file(sock);
-    let child = Command::new("qemu-nbd")
+    let mut child = Command::new("qemu-nbd")
         .args(["-r", "-t", "-f", "raw", "-x", "base", "-k"])
         .arg(sock)
         .arg(img)
@@ -202,6 +202,8 @@ fn qemu_nbd(d: &Dir, img: &str, sock: &Path) -> Child {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("qemu-nbd did not listen on {}", sock.display());
 }
 

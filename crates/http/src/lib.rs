@@ -5,7 +5,7 @@
 //! with backoff inside a bounded window). [`device::HttpDevice`] presents a
 //! raw file as a [`image::BlockDevice`]; [`device::HttpStorage`] lets any
 //! format engine (qcow2) run over the remote file. [`opener::HttpOpener`]
-//! plugs `http://` / `https://` backing names into [`image::open`].
+//! plugs `http://` / `https://` backing names into [`image::open()`].
 //!
 //! This crate knows nothing of the daemon or the stream job (DESIGN.md
 //! boundaries); [`testing`] starts a real nginx for tests of any crate.

@@ -1,5 +1,5 @@
 //! [`HttpOpener`]: opens `http://` and `https://` backing names for
-//! [`image::open`].
+//! [`image::open()`].
 //!
 //! A raw backing becomes an [`HttpDevice`]; any other format runs its engine
 //! over [`HttpStorage`] (a qcow2 backing reads its own metadata through range

@@ -111,7 +111,7 @@ pub trait Format: Send + Sync + Debug {
     /// The identity of a remote backing recorded in the image itself (JSON
     /// of [`crate::identity::BackingIdentity`]), for formats that have a
     /// place for it (qcow2: a header extension). `None` otherwise; then
-    /// [`crate::open`] looks for the sidecar file.
+    /// [`crate::open()`] looks for the sidecar file.
     fn recorded_backing_identity(&self) -> Option<Vec<u8>> {
         None
     }

@@ -11,7 +11,7 @@ use nbd::client::{ClientOptions, NbdClient};
 
 fn qemu_nbd(img: &Path, sock: &Path) -> Child {
     let _ = std::fs::remove_file(sock);
-    let child = Command::new("qemu-nbd")
+    let mut child = Command::new("qemu-nbd")
         .args(["-r", "-t", "-f", "raw", "-x", "base", "-k"])
         .arg(sock)
         .arg(img)
@@ -26,6 +26,8 @@ fn qemu_nbd(img: &Path, sock: &Path) -> Child {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("qemu-nbd did not listen on {}", sock.display());
 }
 

@@ -215,11 +215,11 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     image::create(path, kind, &opts)
         .await
         .map_err(|e| file_error(path, e))?;
-    if let Some(id) = &identity {
-        if let Err(e) = image::open::record_backing_identity(path, id).await {
-            let _ = std::fs::remove_file(path);
-            return Err(file_error(path, e));
-        }
+    if let Some(id) = &identity
+        && let Err(e) = image::open::record_backing_identity(path, id).await
+    {
+        let _ = std::fs::remove_file(path);
+        return Err(file_error(path, e));
     }
     Ok(ExitCode::SUCCESS)
 }
