@@ -183,6 +183,7 @@ pub async fn open_chain(
     let opts = OpenOptions {
         force_share,
         format,
+        opener: Some(remote_opener()),
         ..OpenOptions::default()
     };
     image::open(path, &opts)
