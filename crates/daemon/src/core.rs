@@ -760,8 +760,9 @@ impl Core {
             backing_cache: cache,
             format: Some(driver.to_string()),
             backing,
-            // Backings named nbd://, nbd+unix:// (post-copy migration).
-            opener: Some(Arc::new(nbd::client::NbdOpener::default())),
+            // Backings named nbd://, nbd+unix:// (post-copy migration) and
+            // http(s):// (a central repository).
+            opener: Some(remote_opener()),
             ..OpenOptions::default()
         };
         let image = image::open(&path, &opts)
@@ -1600,4 +1601,12 @@ fn policy_args(
         p.pressure_threshold = pr as f64 / 100.0;
     }
     Ok(Some(p))
+}
+
+/// The opener for remote backing names: NBD URIs and HTTP(S) URLs.
+pub fn remote_opener() -> Arc<dyn image::open::Opener> {
+    Arc::new(image::open::Openers(vec![
+        Arc::new(nbd::client::NbdOpener::default()),
+        Arc::new(http::HttpOpener::default()),
+    ]))
 }

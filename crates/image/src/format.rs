@@ -121,6 +121,14 @@ pub trait Format: Send + Sync + Debug {
 
     fn storage(&self) -> &Arc<dyn Storage>;
 
+    /// The identity of a remote backing recorded in the image itself (JSON
+    /// of [`crate::identity::BackingIdentity`]), for formats that have a
+    /// place for it (qcow2: a header extension). `None` otherwise; then
+    /// [`crate::open()`] looks for the sidecar file.
+    fn recorded_backing_identity(&self) -> Option<Vec<u8>> {
+        None
+    }
+
     /// The mapping of `[offset, offset + len)`: ranges in order, covering it
     /// exactly, adjacent ranges with the same mapping merged.
     fn map(&self, offset: u64, len: u64) -> Result<Vec<MappedRange>>;

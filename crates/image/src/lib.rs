@@ -11,6 +11,7 @@ pub mod access;
 pub mod device;
 pub mod error;
 pub mod format;
+pub mod identity;
 pub mod image;
 pub mod iobuf;
 pub mod lock;

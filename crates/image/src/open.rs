@@ -17,6 +17,7 @@ use async_trait::async_trait;
 
 use crate::device::BlockDevice;
 use crate::format::{BackingSpec, Format};
+use crate::identity::{self, BackingIdentity};
 use crate::image::Image;
 use crate::storage::{CacheMode, FileStorage, Storage};
 use crate::{Error, Result, lock, qcow2, qed, raw};
@@ -34,6 +35,45 @@ pub trait Opener: Send + Sync + std::fmt::Debug {
         format: Option<&str>,
         opts: &OpenOptions,
     ) -> Result<Option<Arc<dyn BlockDevice>>>;
+
+    /// What the backing `name` is right now, to record in an overlay created
+    /// on it (see [`crate::identity`]). `Ok(None)` for names it does not
+    /// handle.
+    async fn identify(&self, name: &str, format: Option<&str>) -> Result<Option<BackingIdentity>> {
+        let _ = (name, format);
+        Ok(None)
+    }
+}
+
+/// Several openers as one: each name goes to the first that handles it
+/// (`nbd://` to the NBD client, `http(s)://` to the HTTP source ...).
+#[derive(Clone, Debug, Default)]
+pub struct Openers(pub Vec<Arc<dyn Opener>>);
+
+#[async_trait]
+impl Opener for Openers {
+    async fn open_backing(
+        &self,
+        name: &str,
+        format: Option<&str>,
+        opts: &OpenOptions,
+    ) -> Result<Option<Arc<dyn BlockDevice>>> {
+        for o in &self.0 {
+            if let Some(dev) = o.open_backing(name, format, opts).await? {
+                return Ok(Some(dev));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn identify(&self, name: &str, format: Option<&str>) -> Result<Option<BackingIdentity>> {
+        for o in &self.0 {
+            if let Some(id) = o.identify(name, format).await? {
+                return Ok(Some(id));
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// Which backing an image gets.
@@ -71,6 +111,10 @@ pub struct OpenOptions {
     /// A read-write open of a qcow2 image with persistent bitmaps discards
     /// them instead of failing (the top image only).
     pub drop_bitmaps: bool,
+    /// For an [`Opener`]: the identity the overlay recorded for this backing
+    /// (see [`crate::identity`]); the opener checks it on open and after
+    /// every reconnect. Set by [`open`] from the image that names the backing.
+    pub expect_identity: Option<crate::identity::BackingIdentity>,
 }
 
 impl Default for OpenOptions {
@@ -86,6 +130,7 @@ impl Default for OpenOptions {
             max_depth: MAX_CHAIN_DEPTH,
             metadata_cache_bytes: None,
             drop_bitmaps: false,
+            expect_identity: None,
         }
     }
 }
@@ -204,7 +249,10 @@ fn open_at_depth<'a>(
             BackingChoice::Device(d) => Some(Arc::clone(d)),
             BackingChoice::FromHeader => match first.backing() {
                 None => None,
-                Some(spec) => Some(open_backing(path, kind, &spec, opts, depth, seen).await?),
+                Some(spec) => {
+                    let recorded = recorded_identity(path, &*first)?;
+                    Some(open_backing(path, kind, &spec, opts, recorded, depth, seen).await?)
+                }
             },
         };
         let format = if opts.writable && from_header {
@@ -270,11 +318,42 @@ pub fn is_uri(name: &str) -> bool {
     })
 }
 
+/// The identity `image` recorded for its remote backing: in the format's
+/// own place (qcow2 header extension), else in the sidecar file.
+fn recorded_identity(image: &Path, format: &dyn Format) -> Result<Option<BackingIdentity>> {
+    match format.recorded_backing_identity() {
+        Some(data) => BackingIdentity::from_json(&image.display().to_string(), &data).map(Some),
+        None => identity::read_sidecar(image),
+    }
+}
+
+/// Records `id` as the identity of the remote backing of the image at
+/// `path` (just created, not open): a qcow2 header extension, or for other
+/// formats the sidecar file `IMAGE.backing-id`.
+pub async fn record_backing_identity(path: &Path, id: &BackingIdentity) -> Result<()> {
+    let (p, id) = (path.to_owned(), id.clone());
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let storage = FileStorage::open(&p, true, CacheMode::Writeback)
+            .map_err(|e| Error::io(&p, "open", e))?;
+        match probe(&storage)? {
+            FormatKind::Qcow2 => qcow2::set_header_extension(
+                &storage,
+                qcow2::header::EXT_BACKING_IDENTITY,
+                Some(&id.to_json()),
+            ),
+            FormatKind::Raw | FormatKind::Qed => identity::write_sidecar(&p, &id),
+        }
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?
+}
+
 async fn open_backing(
     image: &Path,
     kind: FormatKind,
     spec: &BackingSpec,
     opts: &OpenOptions,
+    recorded: Option<BackingIdentity>,
     depth: u32,
     seen: &mut HashSet<PathBuf>,
 ) -> Result<Arc<dyn BlockDevice>> {
@@ -328,9 +407,14 @@ async fn open_backing(
         cache: opts.backing_cache,
         format: Some(format.to_string()),
         backing: BackingChoice::FromHeader,
+        expect_identity: None,
         ..opts.clone()
     };
     if is_uri(&spec.name) {
+        let bopts = OpenOptions {
+            expect_identity: recorded,
+            ..bopts
+        };
         let Some(opener) = &opts.opener else {
             return Err(fail("no opener for this URI scheme".into()));
         };

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use image::identity::{self, BackingIdentity};
 use image::open::{OpenOptions, Opener};
 use image::{BlockDevice, DeviceInfo, Error, Extent, ExtentKind, Result, WriteFlags};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -741,6 +742,11 @@ struct Shared {
     state: watch::Sender<State>,
     size: u64,
     closed: AtomicBool,
+    /// The identity the overlay recorded for this export, checked after
+    /// every reconnect before the new connection serves a request.
+    /// The identity pinned by [`NbdClient::pin_identity`], shared by every
+    /// connection of a client: each checks it after a reconnect.
+    expect: Arc<Mutex<Option<BackingIdentity>>>,
 }
 
 /// One connection and its supervisor (which reconnects it).
@@ -751,9 +757,14 @@ struct Lane {
 }
 
 impl Lane {
-    fn start(target: Target, uri: String, opts: ClientOptions, n: Negotiated) -> Lane {
-        let size = n.info.size;
-        let conn = Conn::start(n);
+    fn start(
+        target: Target,
+        uri: String,
+        opts: ClientOptions,
+        conn: Arc<Conn>,
+        size: u64,
+        expect: Arc<Mutex<Option<BackingIdentity>>>,
+    ) -> Lane {
         let (state, _) = watch::channel(State::Up(Arc::clone(&conn)));
         let shared = Arc::new(Shared {
             target,
@@ -762,6 +773,7 @@ impl Lane {
             state,
             size,
             closed: AtomicBool::new(false),
+            expect,
         });
         let supervisor = tokio::spawn(supervise(Arc::downgrade(&shared), conn)).abort_handle();
         Lane { shared, supervisor }
@@ -844,7 +856,15 @@ impl NbdClient {
             })?
             .map_err(|e| Error::Remote(format!("{uri}: {e}")))?;
         let info = n.info;
-        let first = Lane::start(target.clone(), uri.clone(), opts.clone(), n);
+        let expect = Arc::new(Mutex::new(None));
+        let first = Lane::start(
+            target.clone(),
+            uri.clone(),
+            opts.clone(),
+            Conn::start(n),
+            info.size,
+            Arc::clone(&expect),
+        );
         let extra = Arc::new(Mutex::new(Vec::new()));
         let wanted = opts.connections.saturating_sub(1);
         let dialer = (info.has(TFLAG_CAN_MULTI_CONN) && wanted > 0).then(|| {
@@ -855,6 +875,7 @@ impl NbdClient {
                 opts,
                 info,
                 wanted,
+                expect,
             ))
             .abort_handle()
         });
@@ -871,6 +892,26 @@ impl NbdClient {
     /// Connections up right now (1 while only the first one is).
     pub fn connections(&self) -> usize {
         1 + self.extra.lock().expect("lanes lock").len()
+    }
+
+    /// What the export is now: its size, its transmission flags and the
+    /// checksum of the fixed sample ranges of its data.
+    pub async fn identity(&self) -> Result<BackingIdentity> {
+        Ok(BackingIdentity {
+            size: self.info.size,
+            nbd_flags: Some(self.info.flags),
+            sample: Some(identity::sample_checksum(self).await?),
+            ..BackingIdentity::default()
+        })
+    }
+
+    /// Checks the export against the identity an overlay recorded for it,
+    /// now and after every reconnect; a changed export fails for good.
+    pub async fn pin_identity(&self, expected: BackingIdentity) -> Result<()> {
+        let now = self.identity().await?;
+        expected.check(&self.shared.uri, &now)?;
+        *self.shared.expect.lock().expect("lock") = Some(expected);
+        Ok(())
     }
 
     /// What the first negotiation found.
@@ -1039,6 +1080,7 @@ async fn dial_extra(
     opts: ClientOptions,
     info: ExportInfo,
     wanted: usize,
+    expect: Arc<Mutex<Option<BackingIdentity>>>,
 ) {
     for _ in 0..wanted {
         let n =
@@ -1048,7 +1090,26 @@ async fn dial_extra(
                 Ok(Ok(n)) if n.info.size == info.size && n.info.flags == info.flags => n,
                 _ => return,
             };
-        let lane = Lane::start(target.clone(), uri.clone(), opts.clone(), n);
+        let conn = Conn::start(n);
+        // A pinned identity holds for every connection, the late ones too.
+        let pinned = expect.lock().expect("lock").clone();
+        if let Some(e) = pinned {
+            match verify_identity(&conn, &e, info.flags, info.size, &opts).await {
+                Ok(now) if e.check(&uri, &now).is_ok() => {}
+                _ => {
+                    conn.kill("identity check of an extra connection failed".into());
+                    return;
+                }
+            }
+        }
+        let lane = Lane::start(
+            target.clone(),
+            uri.clone(),
+            opts.clone(),
+            conn,
+            info.size,
+            Arc::clone(&expect),
+        );
         let Some(lanes) = lanes.upgrade() else { return };
         lanes.lock().expect("lanes lock").push(lane);
     }
@@ -1094,9 +1155,36 @@ async fn supervise(shared: Weak<Shared>, mut conn: Arc<Conn>) {
                     return;
                 }
                 Ok(Ok(n)) => {
-                    conn = Conn::start(n);
-                    s.state.send_replace(State::Up(Arc::clone(&conn)));
-                    break;
+                    let flags = n.info.flags;
+                    let fresh = Conn::start(n);
+                    let expect = s.expect.lock().expect("lock").clone();
+                    let checked = match expect {
+                        None => Ok(Ok(())),
+                        Some(e) => verify_identity(&fresh, &e, flags, size, &opts)
+                            .await
+                            .map(|now| e.check(&s.uri, &now)),
+                    };
+                    match checked {
+                        Ok(Ok(())) => {
+                            conn = fresh;
+                            s.state.send_replace(State::Up(Arc::clone(&conn)));
+                            break;
+                        }
+                        Ok(Err(changed)) => {
+                            fresh.kill("the export changed".into());
+                            let msg = changed.to_string();
+                            let msg = msg
+                                .strip_prefix(&format!("{}: ", s.uri))
+                                .unwrap_or(&msg)
+                                .to_string();
+                            s.state.send_replace(State::Failed(msg));
+                            return;
+                        }
+                        Err(Lost(why)) => {
+                            fresh.kill(why.clone());
+                            error = why;
+                        }
+                    }
                 }
                 Ok(Err(e)) => error = e.to_string(),
                 Err(_) => error = format!("no NBD handshake within {:?}", opts.connect_timeout),
@@ -1115,6 +1203,49 @@ async fn supervise(shared: Weak<Shared>, mut conn: Arc<Conn>) {
             backoff = (backoff * 2).min(opts.backoff_max);
         }
     }
+}
+
+/// The identity of the export behind a fresh connection, read through it
+/// before it serves anything.
+async fn verify_identity(
+    conn: &Conn,
+    expect: &BackingIdentity,
+    flags: u16,
+    size: u64,
+    opts: &ClientOptions,
+) -> std::result::Result<BackingIdentity, Lost> {
+    let sample = match expect.sample {
+        None => None,
+        Some(_) => {
+            let mut h = identity::SampleHasher::default();
+            for (off, len) in identity::sample_ranges(size) {
+                let a = conn
+                    .call(
+                        Command::Read,
+                        0,
+                        off,
+                        len as u32,
+                        None,
+                        opts.request_timeout,
+                    )
+                    .await?;
+                if let Some((errno, msg)) = a.error {
+                    return Err(Lost(format!(
+                        "reading the identity sample at {off}: server replied {}: {msg}",
+                        errno_name(errno)
+                    )));
+                }
+                h.update(&a.data);
+            }
+            Some(h.finish())
+        }
+    };
+    Ok(BackingIdentity {
+        size,
+        nbd_flags: Some(flags),
+        sample,
+        ..BackingIdentity::default()
+    })
 }
 
 #[async_trait]
@@ -1281,7 +1412,7 @@ impl Opener for NbdOpener {
         &self,
         name: &str,
         format: Option<&str>,
-        _opts: &OpenOptions,
+        opts: &OpenOptions,
     ) -> Result<Option<Arc<dyn BlockDevice>>> {
         if !Target::is_nbd_uri(name) {
             return Ok(None);
@@ -1297,7 +1428,19 @@ impl Opener for NbdOpener {
             }
         }
         let c = NbdClient::connect_uri(name, self.options.clone()).await?;
+        if let Some(expected) = &opts.expect_identity {
+            c.pin_identity(expected.clone()).await?;
+        }
         Ok(Some(Arc::new(c)))
+    }
+
+    /// Size, transmission flags and a checksum of a sample of the data.
+    async fn identify(&self, name: &str, _format: Option<&str>) -> Result<Option<BackingIdentity>> {
+        if !Target::is_nbd_uri(name) {
+            return Ok(None);
+        }
+        let c = NbdClient::connect_uri(name, self.options.clone()).await?;
+        c.identity().await.map(Some)
     }
 }
 

@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use image::open::{is_uri, resolve_backing_path};
+use image::open::{OpenOptions, is_uri, resolve_backing_path};
 use image::{BackingSpec, BlockDevice, CreateOptions, FormatKind};
 
 use super::{file_error, open_chain, parse_size};
@@ -219,14 +219,40 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
     };
     let mut size = size;
+    let mut identity = None;
     if let Some(spec) = &backing {
         if is_uri(&spec.name) {
-            if size.is_none() {
-                anyhow::bail!(
-                    "{}: give the size: the backing {} is not a local file",
-                    path.display(),
-                    spec.name
-                );
+            // A remote backing (nbd://, http(s)://) is opened now, as
+            // qemu-img create does, for its size and to record its identity
+            // (size, ETag/Last-Modified or NBD flags and a data sample), which
+            // every later open and reconnect checks.
+            let opener = super::network_opener();
+            let bfail = |e: image::Error| {
+                anyhow::anyhow!("{}: backing file {}: {e}", path.display(), spec.name)
+            };
+            let dev = opener
+                .open_backing(&spec.name, spec.format.as_deref(), &OpenOptions::default())
+                .await
+                .map_err(bfail)?;
+            match dev {
+                Some(dev) => {
+                    if size.is_none() {
+                        size = Some(dev.size());
+                    }
+                    drop(dev);
+                    identity = opener
+                        .identify(&spec.name, spec.format.as_deref())
+                        .await
+                        .map_err(bfail)?;
+                }
+                None if size.is_none() => {
+                    anyhow::bail!(
+                        "{}: give the size: the backing {} is not a local file",
+                        path.display(),
+                        spec.name
+                    );
+                }
+                None => {}
             }
         } else {
             let bpath = resolve_backing_path(path, &spec.name);
@@ -291,6 +317,12 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     image::create(path, kind, &opts)
         .await
         .map_err(|e| file_error(path, e))?;
+    if let Some(id) = &identity
+        && let Err(e) = image::open::record_backing_identity(path, id).await
+    {
+        let _ = std::fs::remove_file(path);
+        return Err(file_error(path, e));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -434,6 +434,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         serve: format!("unix:{}", dir.join("vm0.sock").display()),
         export: "vm0".into(),
         speed: args.speed,
+        policy: super::source::Policy::Fixed,
         source_opts: SourceOptions {
             reconnect_window: Some(Duration::from_secs(30)),
         },

@@ -97,7 +97,6 @@ pub fn default_export(image: &std::path::Path) -> String {
 }
 
 pub async fn run(args: DeployArgs) -> Result<ExitCode> {
-    let Policy::Fixed = args.policy;
     let report = Reporter::new("deploy", args.output == "json");
     let export = args
         .export
@@ -113,6 +112,7 @@ pub async fn run(args: DeployArgs) -> Result<ExitCode> {
             .unwrap_or_else(|| format!("unix:{}.sock", args.image.display())),
         export,
         speed: args.speed.unwrap_or(0),
+        policy: args.policy,
         source_opts: SourceOptions {
             reconnect_window: args.reconnect_window,
         },

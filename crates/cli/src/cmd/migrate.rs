@@ -142,7 +142,6 @@ async fn send(args: SendArgs) -> Result<ExitCode> {
 }
 
 async fn receive(args: ReceiveArgs) -> Result<ExitCode> {
-    let Policy::Fixed = args.policy;
     let report = Reporter::new("migrate", args.output == "json");
     let cfg = SessionConfig {
         source: args.from.clone(),
@@ -157,6 +156,7 @@ async fn receive(args: ReceiveArgs) -> Result<ExitCode> {
             .clone()
             .unwrap_or_else(|| default_export(&args.to)),
         speed: args.speed.unwrap_or(0),
+        policy: args.policy,
         source_opts: SourceOptions {
             reconnect_window: args.reconnect_window,
         },

@@ -175,9 +175,10 @@ pub async fn walk_chain(
 }
 
 /// What opens the backings that are not local files (`nbd://`,
-/// `nbd+unix://`): every command that opens a chain passes it on.
+/// `nbd+unix://`, `http(s)://`): the daemon's opener, so every command that
+/// opens a chain opens the same names.
 pub fn network_opener() -> Arc<dyn Opener> {
-    Arc::new(nbd::client::NbdOpener::default())
+    ::daemon::core::remote_opener()
 }
 
 /// Opens an image with its whole backing chain, read-only.

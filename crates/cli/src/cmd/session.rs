@@ -137,6 +137,8 @@ pub struct SessionConfig {
     pub export: String,
     /// Bytes per second of streamed data; 0 = unlimited.
     pub speed: u64,
+    /// How the stream paces itself against the guest and the host.
+    pub policy: super::source::Policy,
     pub source_opts: SourceOptions,
     /// Keep serving after the last client has gone.
     pub persistent: bool,
@@ -266,6 +268,10 @@ impl Session {
         let sopts = StreamOptions {
             device: cfg.image.display().to_string(),
             speed: cfg.speed,
+            policy: stream::policy::Policy {
+                kind: cfg.policy,
+                ..Default::default()
+            },
             ..StreamOptions::default()
         };
         let job = Arc::new(StreamJob::start(Arc::clone(&img), sopts));

@@ -7,7 +7,7 @@
 //! header will record (the name QEMU can open: an absolute path for a local
 //! file, the URI itself for NBD). The overlay is then opened on that very
 //! device, so nothing connects twice and the header never names something
-//! other than what was read. HTTP(S) URLs and other schemes plug in here.
+//! other than what was read.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -38,11 +38,14 @@ pub struct Source {
 }
 
 /// The opener for URI backings below a local source (and for images that
-/// name a remote backing): NBD now; HTTP(S) joins it here.
+/// name a remote backing): NBD with this source's reconnect window, HTTP(S).
 pub fn opener(opts: &SourceOptions) -> Arc<dyn Opener> {
-    Arc::new(NbdOpener {
-        options: client_options(opts),
-    })
+    Arc::new(image::open::Openers(vec![
+        Arc::new(NbdOpener {
+            options: client_options(opts),
+        }),
+        Arc::new(http::HttpOpener::default()),
+    ]))
 }
 
 fn client_options(opts: &SourceOptions) -> ClientOptions {
@@ -53,8 +56,9 @@ fn client_options(opts: &SourceOptions) -> ClientOptions {
 }
 
 /// Opens `spec` read-only: a local image path (its format probed unless
-/// `format` names it, its own backing chain opened too) or an NBD URI
-/// (always raw).
+/// `format` names it, its own backing chain opened too), an NBD URI
+/// (always raw) or an HTTP(S) URL (raw unless `format` says qcow2; read
+/// with range requests).
 pub async fn open_source(spec: &str, format: Option<&str>, opts: &SourceOptions) -> Result<Source> {
     if Target::is_nbd_uri(spec) {
         if let Some(f) = format.filter(|f| *f != "raw") {
@@ -69,11 +73,28 @@ pub async fn open_source(spec: &str, format: Option<&str>, opts: &SourceOptions)
             device: Arc::new(client),
         });
     }
+    if http::is_http_url(spec) {
+        let fmt = format.unwrap_or("raw");
+        let oopts = OpenOptions {
+            opener: Some(opener(opts)),
+            ..OpenOptions::default()
+        };
+        let device = http::HttpOpener::default()
+            .open_url(spec, Some(fmt), &oopts)
+            .await
+            .with_context(|| format!("{spec}: open the source"))?;
+        return Ok(Source {
+            name: spec.to_string(),
+            format: fmt.to_string(),
+            device,
+        });
+    }
     if is_uri(spec) {
         let scheme = spec.split("://").next().unwrap_or_default();
         bail!(
             "{spec}: '{scheme}' sources are not available in this build \
-             (sources: a local image, nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH)"
+             (sources: a local image, nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH, \
+             http(s)://URL)"
         );
     }
     let path = Path::new(spec);
@@ -98,24 +119,17 @@ pub async fn open_source(spec: &str, format: Option<&str>, opts: &SourceOptions)
     })
 }
 
-/// A stream policy (`--policy`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Policy {
-    /// A fixed rate (`--speed`, 0 = unlimited): a token bucket.
-    Fixed,
-}
+/// A stream policy (`--policy`): the stream engine's policies.
+pub type Policy = stream::policy::PolicyKind;
 
-/// Parses `--policy`: the one place policies are named.
+/// Parses `--policy`: the one place the workflows name policies.
 pub fn parse_policy(s: &str) -> Result<Policy, String> {
-    match s {
-        "fixed" => Ok(Policy::Fixed),
-        "idle" | "host-pressure" | "adaptive" => Err(format!(
-            "policy '{s}' is not available yet in this build; use --policy fixed [--speed RATE]"
-        )),
-        other => Err(format!(
-            "unknown policy '{other}' (policies: fixed, idle, host-pressure, adaptive)"
-        )),
-    }
+    Policy::parse(s).ok_or_else(|| {
+        format!(
+            "unknown policy '{s}' (policies: {})",
+            Policy::NAMES.join(", ")
+        )
+    })
 }
 
 #[cfg(test)]
@@ -125,11 +139,8 @@ mod tests {
     #[test]
     fn policy_names_parse_or_say_why_not() {
         assert_eq!(parse_policy("fixed"), Ok(Policy::Fixed));
-        assert!(
-            parse_policy("adaptive")
-                .unwrap_err()
-                .contains("not available")
-        );
+        assert_eq!(parse_policy("adaptive"), Ok(Policy::Adaptive));
+        assert_eq!(parse_policy("idle"), Ok(Policy::Idle));
         assert!(parse_policy("fast").unwrap_err().contains("unknown policy"));
     }
 }

@@ -84,6 +84,13 @@ pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 pub const EXT_BITMAPS: u32 = 0x2385_2875;
 pub const EXT_CRYPTO: u32 = 0x0537_be77;
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+/// diskstream's record of a remote backing's identity (JSON of
+/// [`crate::identity::BackingIdentity`]). ASCII "dsID"; not a magic QEMU
+/// defines (docs/interop/qcow2.rst lists 0xe2792aca, 0x6803f857, 0x23852875,
+/// 0x0537be77, 0x44415441), so QEMU treats it as unknown and keeps it: its
+/// `qcow2_read_extensions` stores unknown extensions and
+/// `qcow2_update_header` writes them back.
+pub const EXT_BACKING_IDENTITY: u32 = 0x6473_4944;
 
 /// One entry of the feature name table extension.
 #[derive(Clone, Debug, PartialEq, Eq)]

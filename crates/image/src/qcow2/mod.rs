@@ -494,7 +494,68 @@ fn read_u64s(
         .collect())
 }
 
+/// Sets (`Some`) or removes (`None`) the header extension `ty` of the qcow2
+/// image in `storage`, which nobody has open (right after [`create`]): one
+/// header write, then a flush. Extensions diskstream interprets itself
+/// cannot be set this way.
+pub fn set_header_extension(storage: &dyn Storage, ty: u32, data: Option<&[u8]>) -> Result<()> {
+    let path = storage.path().to_owned();
+    if matches!(
+        ty,
+        header::EXT_END
+            | header::EXT_BACKING_FORMAT
+            | header::EXT_FEATURE_TABLE
+            | header::EXT_BITMAPS
+            | header::EXT_CRYPTO
+            | header::EXT_DATA_FILE
+    ) {
+        return Err(Error::InvalidInput(format!(
+            "{}: header extension {ty:#x} is not an opaque extension",
+            path.display()
+        )));
+    }
+    let mut first = vec![0u8; 512];
+    storage
+        .read_at(&mut first, 0)
+        .map_err(|e| Error::io(&path, "read header", e))?;
+    let cluster_bits = Header::peek_cluster_bits(&first, &path)?;
+    let mut buf = vec![0u8; 1usize << cluster_bits];
+    storage
+        .read_at(&mut buf, 0)
+        .map_err(|e| Error::io(&path, "read header", e))?;
+    let mut h = Header::decode(&buf, &path)?;
+    if h.version < 3 {
+        return Err(unsupported(
+            &path,
+            "header extensions in a version 2 image".into(),
+        ));
+    }
+    h.other_extensions.retain(|(t, _)| *t != ty);
+    if let Some(d) = data {
+        h.other_extensions.push((ty, d.to_vec()));
+    }
+    let mut out = h.encode(&path)?;
+    let area = (1u64 << cluster_bits).min(header::MAX_HEADER_WRITE) as usize;
+    out.resize(area, 0);
+    storage
+        .write_at(&out, 0)
+        .map_err(|e| Error::io(&path, "write header", e))?;
+    storage.flush().map_err(|e| Error::io(&path, "flush", e))
+}
+
 impl Qcow2 {
+    /// The payload of header extension `ty`, if the image has one that
+    /// diskstream does not interpret itself (kept as read, written back on
+    /// every header update).
+    pub fn header_extension(&self, ty: u32) -> Option<Vec<u8>> {
+        self.lock()
+            .h
+            .other_extensions
+            .iter()
+            .find(|(t, _)| *t == ty)
+            .map(|(_, d)| d.clone())
+    }
+
     pub fn open(storage: Arc<dyn Storage>, opts: &Qcow2Options) -> Result<Self> {
         let path = storage.path().to_owned();
         let mut first = vec![0u8; 512];
@@ -1414,6 +1475,10 @@ impl Format for Qcow2 {
         &self.storage
     }
 
+    fn recorded_backing_identity(&self) -> Option<Vec<u8>> {
+        self.header_extension(header::EXT_BACKING_IDENTITY)
+    }
+
     fn map(&self, offset: u64, len: u64) -> Result<Vec<MappedRange>> {
         self.check_range(offset, len)?;
         Ok(self.ranges(&self.entries(offset, len)?, offset, len))
@@ -1585,7 +1650,13 @@ impl Format for Qcow2 {
         m.ensure_consistent()?;
         m.flush_meta()?;
         let mut h = m.h.clone();
-        h.backing_name = backing.map(|b| b.name.clone());
+        let name = backing.map(|b| b.name.clone());
+        if name != h.backing_name {
+            // The recorded identity describes the old backing.
+            h.other_extensions
+                .retain(|(t, _)| *t != header::EXT_BACKING_IDENTITY);
+        }
+        h.backing_name = name;
         h.backing_format = backing.and_then(|b| b.format.clone());
         m.write_header(&h)
     }
