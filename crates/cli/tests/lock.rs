@@ -125,6 +125,17 @@ async fn qemu_nbd_export_and_backing_files_are_locked() {
             &["-f", "qcow2", "-k", &sock, "top.qcow2"],
             &top,
         );
+        // qemu-nbd locks the backing too, a moment after the top: wait
+        // (bounded) for that before testing it.
+        let base = d.path("base.qcow2");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !has_qemu_lock(&base) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-nbd did not lock the backing"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let e = image::open(&top, &writable())
             .await
             .expect_err("opened an exported image");
