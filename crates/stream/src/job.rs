@@ -966,9 +966,12 @@ impl Runner {
         let base_depth = self.opts.base.depth;
         let remote = remaining_bytes(&image, base_depth).await?.data;
         self.shared.update(|s| s.info.remote = remote);
+        // One borrow, copied out: a watch borrow is a read lock, and two in
+        // one statement deadlock against a writer (cancel) queued between.
+        let control = *self.ctl.borrow();
         let mut io = Io {
-            ctl: PolicyState::new(&self.opts, self.ctl.borrow().policy),
-            bucket: TokenBucket::new(self.ctl.borrow().speed, Instant::now()),
+            ctl: PolicyState::new(&self.opts, control.policy),
+            bucket: TokenBucket::new(control.speed, Instant::now()),
             tasks: JoinSet::new(),
             failures: Failures::default(),
         };
