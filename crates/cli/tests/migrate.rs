@@ -486,10 +486,6 @@ fn deploy_and_receive_refuse_bad_input_clearly() {
             "already exists",
         ),
         (
-            &["deploy", "--policy", "adaptive", "base.qcow2", "new.qcow2"],
-            "not available yet",
-        ),
-        (
             &["deploy", "--policy", "turbo", "base.qcow2", "new.qcow2"],
             "unknown policy",
         ),
