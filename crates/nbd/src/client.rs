@@ -821,7 +821,6 @@ impl Drop for Lane {
 /// on all of them.
 #[derive(Debug)]
 pub struct NbdClient {
-    shared: Arc<Shared>,
     info: ExportInfo,
     first: Lane,
     extra: Arc<Mutex<Vec<Lane>>>,
@@ -880,7 +879,6 @@ impl NbdClient {
             .abort_handle()
         });
         Ok(NbdClient {
-            shared: Arc::clone(&first.shared),
             info,
             first,
             extra,
@@ -909,8 +907,8 @@ impl NbdClient {
     /// now and after every reconnect; a changed export fails for good.
     pub async fn pin_identity(&self, expected: BackingIdentity) -> Result<()> {
         let now = self.identity().await?;
-        expected.check(&self.shared.uri, &now)?;
-        *self.shared.expect.lock().expect("lock") = Some(expected);
+        expected.check(&self.first.shared.uri, &now)?;
+        *self.first.shared.expect.lock().expect("lock") = Some(expected);
         Ok(())
     }
 
@@ -920,12 +918,12 @@ impl NbdClient {
     }
 
     pub fn uri(&self) -> &str {
-        &self.shared.uri
+        &self.first.shared.uri
     }
 
     /// Whether a connection is up right now.
     pub fn is_connected(&self) -> bool {
-        matches!(&*self.shared.state.borrow(), State::Up(c) if !c.is_dead())
+        matches!(&*self.first.shared.state.borrow(), State::Up(c) if !c.is_dead())
     }
 
     /// A live connection: the next one round robin when several are up,
@@ -947,7 +945,7 @@ impl NbdClient {
                 }
             }
         }
-        let mut rx = self.shared.state.subscribe();
+        let mut rx = self.first.shared.state.subscribe();
         loop {
             let state = rx.borrow_and_update().clone();
             match state {
@@ -960,16 +958,21 @@ impl NbdClient {
                 } => {
                     return Err(Error::Unavailable(format!(
                         "{}: server unreachable for {:.1?} (reconnect window {}): {error}",
-                        self.shared.uri,
+                        self.first.shared.uri,
                         since.elapsed(),
-                        window_text(self.shared.opts.reconnect_window),
+                        window_text(self.first.shared.opts.reconnect_window),
                     )));
                 }
                 State::Down { .. } => {}
-                State::Failed(e) => return Err(Error::Remote(format!("{}: {e}", self.shared.uri))),
+                State::Failed(e) => {
+                    return Err(Error::Remote(format!("{}: {e}", self.first.shared.uri)));
+                }
             }
             if rx.changed().await.is_err() {
-                return Err(Error::Remote(format!("{}: client closed", self.shared.uri)));
+                return Err(Error::Remote(format!(
+                    "{}: client closed",
+                    self.first.shared.uri
+                )));
             }
         }
     }
@@ -988,7 +991,7 @@ impl NbdClient {
         loop {
             attempt += 1;
             let conn = self.conn().await?;
-            let t = self.shared.opts.request_timeout;
+            let t = self.first.shared.opts.request_timeout;
             match conn
                 .call(command, flags, offset, length, data.clone(), t)
                 .await
@@ -1007,7 +1010,7 @@ impl NbdClient {
                     return Err(Error::Unavailable(format!(
                         "{}: {command} at offset {offset} length {length}: connection lost \
                          ({why}){}",
-                        self.shared.uri,
+                        self.first.shared.uri,
                         if retry {
                             "; retries exhausted"
                         } else {
@@ -1022,7 +1025,7 @@ impl NbdClient {
     fn server_error(&self, cmd: Command, offset: u64, len: u32, errno: u32, msg: &str) -> Error {
         let text = format!(
             "{}: {cmd} at offset {offset} length {len}: server replied {}{}{msg}",
-            self.shared.uri,
+            self.first.shared.uri,
             errno_name(errno),
             if msg.is_empty() { "" } else { ": " }
         );
@@ -1030,12 +1033,12 @@ impl NbdClient {
             EPERM => Error::ReadOnly { name: text },
             EINVAL => Error::InvalidInput(text),
             ENOSPC => Error::io(
-                self.shared.uri.clone(),
+                self.first.shared.uri.clone(),
                 "write",
                 io::Error::new(io::ErrorKind::StorageFull, text),
             ),
             ENOTSUP => Error::Unsupported {
-                path: self.shared.uri.clone().into(),
+                path: self.first.shared.uri.clone().into(),
                 format: "nbd",
                 feature: text,
             },
@@ -1046,7 +1049,7 @@ impl NbdClient {
     fn check_writable(&self) -> Result<()> {
         if self.info.has(TFLAG_READ_ONLY) {
             return Err(Error::ReadOnly {
-                name: self.shared.uri.clone(),
+                name: self.first.shared.uri.clone(),
             });
         }
         Ok(())
@@ -1256,7 +1259,7 @@ impl BlockDevice for NbdClient {
 
     fn info(&self) -> DeviceInfo {
         DeviceInfo {
-            name: self.shared.uri.clone(),
+            name: self.first.shared.uri.clone(),
             format: "nbd".into(),
             read_only: self.info.has(TFLAG_READ_ONLY),
             layers: 1,
@@ -1377,7 +1380,7 @@ impl BlockDevice for NbdClient {
             if d.length == 0 {
                 return Err(Error::Remote(format!(
                     "{}: block status at {pos}: zero-length extent",
-                    self.shared.uri
+                    self.first.shared.uri
                 )));
             }
             let l = (d.length as u64).min(end - pos);
@@ -1391,7 +1394,7 @@ impl BlockDevice for NbdClient {
         if out.is_empty() {
             return Err(Error::Remote(format!(
                 "{}: block status at {offset}: server returned no extent",
-                self.shared.uri
+                self.first.shared.uri
             )));
         }
         Ok(out)
