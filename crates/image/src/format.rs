@@ -200,3 +200,24 @@ pub trait Format: Send + Sync + Debug {
     /// Called once when the image is closed; later calls do nothing.
     fn close(&self) -> Result<()>;
 }
+
+/// The check every format engine makes before changing its file: opened
+/// writable, and not closed yet.
+pub(crate) fn ensure_writable(
+    path: &std::path::Path,
+    writable: bool,
+    closed: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
+    if !writable {
+        return Err(crate::Error::ReadOnly {
+            name: path.display().to_string(),
+        });
+    }
+    if closed.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(crate::Error::InvalidInput(format!(
+            "{}: image is closed",
+            path.display()
+        )));
+    }
+    Ok(())
+}

@@ -450,18 +450,7 @@ impl Qed {
     }
 
     fn ensure_writable(&self) -> Result<()> {
-        if !self.writable {
-            return Err(Error::ReadOnly {
-                name: self.path.display().to_string(),
-            });
-        }
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(Error::InvalidInput(format!(
-                "{}: image is closed",
-                self.path.display()
-            )));
-        }
-        Ok(())
+        crate::format::ensure_writable(&self.path, self.writable, &self.closed)
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
