@@ -151,6 +151,22 @@ pub trait Format: Send + Sync + Debug {
     /// [`Mapping::Unallocated`], left untouched for the caller to fill.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<Vec<(u64, u64)>>;
 
+    /// [`Format::read`] if it can finish without blocking: the metadata it
+    /// needs is in memory and no other thread holds it, and the data is in
+    /// the page cache ([`Storage::read_at_nowait`]). `None` means it would
+    /// block, or has something to report that the slow path words better:
+    /// call `read` from a blocking thread. It changes nothing either way
+    /// (`buf` may hold partial data after `None`).
+    fn try_read_nowait(&self, _offset: u64, _buf: &mut [u8]) -> Option<Result<Vec<(u64, u64)>>> {
+        None
+    }
+
+    /// [`Format::map`] if it can be answered from memory without waiting
+    /// for a lock; `None` otherwise.
+    fn map_nowait(&self, _offset: u64, _len: u64) -> Option<Vec<MappedRange>> {
+        None
+    }
+
     /// Writes `data` at `offset`. For each unit the write covers only in part
     /// and that is unallocated here, `fill` holds the unit's content from
     /// below; a missing fill means zeros (no backing).

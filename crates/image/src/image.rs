@@ -38,6 +38,17 @@ use crate::{Error, Result};
 /// The largest bounce buffer one copy uses.
 const MAX_COPY_PIECE: u64 = 4 << 20;
 
+/// Reads up to this size may be answered on the async thread when the
+/// format can do it without blocking (cached metadata, page-cached data);
+/// larger ones go to the blocking pool, where a long copy does not hold up
+/// other requests.
+const INLINE_READ_MAX: usize = 256 << 10;
+
+/// Copy-on-read of at most this many bytes reads the backing straight away
+/// ([`Image::fetch_locked`]): one round trip for the guest that waits.
+/// Larger reads ask for block status first, so holes are not fetched.
+const COR_FETCH_MAX: u64 = 1 << 20;
+
 /// `AtomicU32` value meaning "no base: copy from every layer".
 const NO_BASE: u32 = u32::MAX;
 
@@ -56,6 +67,57 @@ pub struct Image {
     cor_base_depth: AtomicU32,
     stats: IoStats,
     access: crate::access::Access,
+}
+
+/// [`Format::read`] of `len` bytes at `offset`: on the spot when the format
+/// can answer without blocking, else on the blocking pool. Returns the
+/// buffer and the ranges this layer does not hold.
+async fn format_read<B>(
+    format: &Arc<dyn Format>,
+    offset: u64,
+    mut buf: B,
+) -> Result<(B, Vec<(u64, u64)>)>
+where
+    B: std::ops::DerefMut<Target = [u8]> + Send + 'static,
+{
+    if buf.len() <= INLINE_READ_MAX
+        && let Some(r) = format.try_read_nowait(offset, &mut buf)
+    {
+        return r.map(|holes| (buf, holes));
+    }
+    blocking(format, move |f| {
+        let holes = f.read(offset, &mut buf)?;
+        Ok((buf, holes))
+    })
+    .await
+}
+
+/// [`Format::map`], from memory when it can be, else on the blocking pool.
+async fn format_map(
+    format: &Arc<dyn Format>,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<crate::format::MappedRange>> {
+    if let Some(map) = format.map_nowait(offset, len) {
+        return Ok(map);
+    }
+    blocking(format, move |f| f.map(offset, len)).await
+}
+
+/// The first `.1` bytes of a buffer, as a slice of its own.
+struct Prefix(IoBuf, usize);
+
+impl std::ops::Deref for Prefix {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0[..self.1]
+    }
+}
+
+impl std::ops::DerefMut for Prefix {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0[..self.1]
+    }
 }
 
 /// Runs a blocking format call on tokio's blocking pool.
@@ -252,15 +314,10 @@ impl Image {
         let buf = if let Some(below) = direct {
             let mut buf = IoBuf::take(len as usize);
             buf[n as usize..].fill(0);
-            let format = Arc::clone(&below.format);
-            let (mut buf, holes) = tokio::task::spawn_blocking(move || {
-                let holes = format.read(offset, &mut buf[..n as usize]);
-                (buf, holes)
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?;
-            below.fill_below(&mut buf, offset, holes?).await?;
-            buf
+            let (mut buf, holes) =
+                format_read(&below.format, offset, Prefix(buf, n as usize)).await?;
+            below.fill_below(&mut buf, offset, holes).await?;
+            buf.0
         } else {
             let mut data = backing.read(offset, n as usize).await?;
             data.resize(len as usize, 0);
@@ -303,7 +360,7 @@ impl Image {
         let mut fills = Vec::new();
         for u in units {
             let ulen = g.min(size - u);
-            let map = blocking(&self.format, move |f| f.map(u, ulen)).await?;
+            let map = format_map(&self.format, u, ulen).await?;
             if map.iter().any(|r| r.mapping == Mapping::Unallocated) {
                 fills.push((u, self.read_below(u, ulen).await?));
             }
@@ -405,7 +462,10 @@ impl Image {
     /// [`Image::populate`] of the unit-aligned `[start, end)`, range held.
     /// With `keep_data`, also returns where every byte of the range can be
     /// read from now, with the bytes it copied, so a copy-on-read serves its
-    /// reader without reading anything twice.
+    /// reader without reading anything twice. A copy-on-read with no base
+    /// (`keep_data`, `base_depth` `None`) also makes the units that read as
+    /// zeros zero units here, as QEMU's copy-on-read does: the guest's next
+    /// read of them is local too.
     async fn populate_locked(
         &self,
         start: u64,
@@ -414,9 +474,10 @@ impl Image {
         keep_data: bool,
     ) -> Result<(PopulateOutcome, Vec<Piece>)> {
         // Re-check allocation now that the range is ours.
-        let map = blocking(&self.format, move |f| f.map(start, end - start)).await?;
+        let map = format_map(&self.format, start, end - start).await?;
         let mut outcome = PopulateOutcome::default();
         let mut pieces = Vec::new();
+        let keep_zeros = keep_data && base_depth.is_none();
         for r in &map {
             if r.mapping != Mapping::Unallocated {
                 pieces.push(Piece::Local(r.offset, r.length));
@@ -428,9 +489,11 @@ impl Image {
                 let (run_start, run_end) = (run.start, run.end);
                 let n = run_end - run_start;
                 match run.action {
-                    UnitAction::Skip if run.all_hole => pieces.push(Piece::Zeros(run_start, n)),
-                    UnitAction::Skip => pieces.push(Piece::Below(run_start, n)),
-                    UnitAction::Zero => {
+                    UnitAction::Skip if run.all_hole && !keep_zeros => {
+                        pieces.push(Piece::Zeros(run_start, n))
+                    }
+                    UnitAction::Skip if !keep_zeros => pieces.push(Piece::Below(run_start, n)),
+                    UnitAction::Skip | UnitAction::Zero => {
                         blocking(&self.format, move |f| {
                             f.write_zeroes(run_start, n, true, true)
                         })
@@ -456,6 +519,52 @@ impl Image {
                         }
                     }
                 }
+            }
+        }
+        Ok((outcome, pieces))
+    }
+
+    /// Copy-on-read with no base: reads what this layer lacks in `[start,
+    /// end)` from below and keeps it, units that read as zeros as zero units
+    /// (as [`Image::populate_locked`] does for copy-on-read). One read of the
+    /// backing, where populating asks for its block status first: a guest
+    /// waiting on remote data pays one round trip, not two. The caller holds
+    /// the unit-aligned range.
+    async fn fetch_locked(&self, start: u64, end: u64) -> Result<(PopulateOutcome, Vec<Piece>)> {
+        let map = format_map(&self.format, start, end - start).await?;
+        let g = self.format.granularity();
+        let step = MAX_COPY_PIECE.next_multiple_of(g);
+        let mut outcome = PopulateOutcome::default();
+        let mut pieces = Vec::new();
+        for r in &map {
+            if r.mapping != Mapping::Unallocated {
+                pieces.push(Piece::Local(r.offset, r.length));
+                continue;
+            }
+            let mut pos = r.offset;
+            while pos < r.end() {
+                let n = step.min(r.end() - pos);
+                let data = Arc::new(self.read_below(pos, n).await?);
+                let mut done = 0;
+                for (a, b) in crate::iobuf::nonzero_runs(&data, g as usize) {
+                    if a > done {
+                        let (zo, zn) = (pos + done as u64, (a - done) as u64);
+                        blocking(&self.format, move |f| f.write_zeroes(zo, zn, true, true)).await?;
+                        outcome.zeroed += zn;
+                    }
+                    let d = Arc::clone(&data);
+                    let to = pos + a as u64;
+                    blocking(&self.format, move |f| f.write(to, &d[a..b], &[])).await?;
+                    outcome.copied += (b - a) as u64;
+                    done = b;
+                }
+                if done < data.len() {
+                    let (zo, zn) = (pos + done as u64, (data.len() - done) as u64);
+                    blocking(&self.format, move |f| f.write_zeroes(zo, zn, true, true)).await?;
+                    outcome.zeroed += zn;
+                }
+                pieces.push(Piece::Copied(pos, data));
+                pos += n;
             }
         }
         Ok((outcome, pieces))
@@ -536,7 +645,11 @@ impl Image {
         let (s, e) = self.unit_span(offset, len);
         let pieces = {
             let _guard = self.locks.lock(s, e).await;
-            let (outcome, pieces) = self.populate_locked(s, e, base, true).await?;
+            let (outcome, pieces) = if base.is_none() && e - s <= COR_FETCH_MAX {
+                self.fetch_locked(s, e).await?
+            } else {
+                self.populate_locked(s, e, base, true).await?
+            };
             self.stats.add_cor(outcome.copied);
             pieces
         };
@@ -557,12 +670,8 @@ impl Image {
                 Piece::Below(..) => dst.copy_from_slice(&self.read_below(a, b - a).await?),
                 Piece::Local(..) => {
                     // A guest write won the range meanwhile: read it back.
-                    let (part, left) = blocking(&self.format, move |f| {
-                        let mut part = vec![0u8; (b - a) as usize];
-                        let left = f.read(a, &mut part)?;
-                        Ok((part, left))
-                    })
-                    .await?;
+                    let part = vec![0u8; (b - a) as usize];
+                    let (part, left) = format_read(&self.format, a, part).await?;
                     dst.copy_from_slice(&part);
                     self.fill_below(dst, a, left).await?;
                 }
@@ -612,12 +721,7 @@ impl BlockDevice for Image {
     async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         let _req = self.stats.begin(Op::Read, len as u64);
         check_range(self.size(), offset, len as u64)?;
-        let (mut buf, holes) = blocking(&self.format, move |f| {
-            let mut buf = vec![0u8; len];
-            let holes = f.read(offset, &mut buf)?;
-            Ok((buf, holes))
-        })
-        .await?;
+        let (mut buf, holes) = format_read(&self.format, offset, vec![0u8; len]).await?;
         let remote = !holes.is_empty() && self.backing().is_some();
         self.access.guest_read(offset, len as u64, remote);
         if !remote {

@@ -87,9 +87,51 @@ impl Drop for IoBuf {
     }
 }
 
+/// Whether every byte of `b` is zero.
+pub fn is_zero(b: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: every bit pattern is a valid u64; align_to only splits.
+        unsafe { b.align_to::<u64>() }
+    };
+    head.iter().all(|&x| x == 0) && words.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
+}
+
+/// The runs `(start, end)` of `buf` made of `unit`-sized blocks (the last
+/// may be shorter) that are not all zeros, neighbours merged: what a copy
+/// must write when zeros may stay holes.
+pub fn nonzero_runs(buf: &[u8], unit: usize) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, block) in buf.chunks(unit).enumerate() {
+        if is_zero(block) {
+            continue;
+        }
+        let (s, e) = (i * unit, i * unit + block.len());
+        match runs.last_mut() {
+            Some(last) if last.1 == s => last.1 = e,
+            _ => runs.push((s, e)),
+        }
+    }
+    runs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_blocks_are_skipped_and_runs_merged() {
+        let mut b = vec![0u8; 5 * 4096 + 100];
+        b[1] = 1;
+        b[4096 + 7] = 1;
+        b[3 * 4096] = 1;
+        b[5 * 4096 + 99] = 1;
+        assert_eq!(
+            nonzero_runs(&b, 4096),
+            vec![(0, 8192), (12288, 16384), (20480, 20580)]
+        );
+        assert!(nonzero_runs(&[0u8; 8192], 4096).is_empty());
+        assert!(is_zero(&[0u8; 13]) && !is_zero(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
+    }
 
     #[test]
     fn windows_are_aligned_and_sized() {

@@ -126,6 +126,14 @@ impl Format for Raw {
         Ok(Vec::new())
     }
 
+    fn try_read_nowait(&self, offset: u64, buf: &mut [u8]) -> Option<Result<Vec<(u64, u64)>>> {
+        match self.storage.read_at_nowait(buf, offset) {
+            Ok(true) => Some(Ok(Vec::new())),
+            Ok(false) => None,
+            Err(e) => Some(Err(self.io("read", e))),
+        }
+    }
+
     fn write(&self, offset: u64, data: &[u8], _fill: &[CowFill<'_>]) -> Result<()> {
         self.ensure_writable()?;
         self.storage

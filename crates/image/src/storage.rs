@@ -16,6 +16,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::iobuf::IoBuf;
 
@@ -24,6 +25,14 @@ use crate::iobuf::IoBuf;
 pub trait Storage: Send + Sync + Debug {
     /// Reads `buf.len()` bytes at `offset`; bytes past the end read as zeros.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// [`Storage::read_at`] only if it cannot block: the bytes are in the
+    /// page cache. `Ok(false)` means it would have to wait for the device
+    /// (or the storage cannot tell), and `buf` holds nothing useful: call
+    /// `read_at` from a blocking thread. This lets the async layer answer a
+    /// cached read on the spot instead of paying two thread handoffs.
+    fn read_at_nowait(&self, _buf: &mut [u8], _offset: u64) -> io::Result<bool> {
+        Ok(false)
+    }
     /// Writes all of `buf` at `offset`, growing the storage as needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable (fdatasync).
@@ -102,6 +111,8 @@ pub struct FileStorage {
     direct: bool,
     /// Serialises O_DIRECT read-modify-write of partial blocks.
     rmw: Mutex<()>,
+    /// Set when the kernel refuses `RWF_NOWAIT` reads: stop asking.
+    no_nowait: AtomicBool,
 }
 
 impl FileStorage {
@@ -130,6 +141,7 @@ impl FileStorage {
             path: path.to_owned(),
             direct,
             rmw: Mutex::new(()),
+            no_nowait: AtomicBool::new(false),
         })
     }
 
@@ -169,6 +181,52 @@ impl Storage for FileStorage {
         self.read_exact_zero_fill(&mut bounce, start)?;
         buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
         Ok(())
+    }
+
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        // O_DIRECT reads always go to the device.
+        if self.direct || self.no_nowait.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let iov = libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            };
+            // SAFETY: one iovec over a live, exclusively borrowed buffer of
+            // iov_len bytes, on an owned, open descriptor.
+            let n = unsafe {
+                libc::preadv2(
+                    self.file.as_raw_fd(),
+                    &iov,
+                    1,
+                    (offset + done as u64) as libc::off_t,
+                    libc::RWF_NOWAIT,
+                )
+            };
+            match n {
+                0 => {
+                    rest.fill(0);
+                    return Ok(true);
+                }
+                n if n > 0 => done += n as usize,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    return match e.raw_os_error() {
+                        Some(libc::EAGAIN) => Ok(false),
+                        Some(libc::EINTR) => continue,
+                        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+                            self.no_nowait.store(true, Ordering::Relaxed);
+                            Ok(false)
+                        }
+                        _ => Err(e),
+                    };
+                }
+            }
+        }
+        Ok(true)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

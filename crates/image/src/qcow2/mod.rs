@@ -298,6 +298,31 @@ impl Meta {
         let Some(t) = self.l2_table((c >> bits) as usize)? else {
             return Ok(Entry::unallocated(self.ext));
         };
+        self.entry_in(t, c)
+    }
+
+    /// [`Meta::lookup`] from memory only: `None` when the L2 table is not
+    /// cached (or its offset is damaged: `lookup` says how).
+    fn lookup_cached(&mut self, c: u64) -> Option<Result<Entry>> {
+        let bits = self.l2_per_table_bits();
+        let t = match self
+            .l1
+            .get((c >> bits) as usize)
+            .copied()
+            .and_then(l1_table)
+        {
+            None => return Some(Ok(Entry::unallocated(self.ext))),
+            Some(t) => t,
+        };
+        if t % self.cluster_size() != 0 || !self.l2.contains(t) {
+            return None;
+        }
+        Some(self.entry_in(t, c))
+    }
+
+    /// Guest cluster `c`'s entry in its cached L2 table at `t`.
+    fn entry_in(&mut self, t: u64, c: u64) -> Result<Entry> {
+        let bits = self.l2_per_table_bits();
         let words = self.entry_words();
         let at = (c & ((1 << bits) - 1)) as usize * words;
         let table = self.l2.get(t).expect("loaded");
@@ -866,6 +891,34 @@ impl Qcow2 {
             c += n;
         }
         Ok(out)
+    }
+
+    /// [`Qcow2::entries_locked`] from cached tables only; `None` when one
+    /// is not in memory.
+    fn entries_cached(
+        &self,
+        m: &mut Meta,
+        offset: u64,
+        len: u64,
+    ) -> Option<Result<Vec<(u64, u64, Entry)>>> {
+        let first = offset >> self.cluster_bits;
+        let end = (offset + len).div_ceil(self.cluster_size());
+        let mut out: Vec<(u64, u64, Entry)> = Vec::new();
+        let mut c = first;
+        while c < end {
+            let skip = m.unmapped_span(c);
+            let (n, e) = if skip > 0 {
+                (skip.min(end - c), Entry::unallocated(self.ext))
+            } else {
+                match m.lookup_cached(c)? {
+                    Ok(e) => (1, e),
+                    Err(e) => return Some(Err(e)),
+                }
+            };
+            out.push((c, n, e));
+            c += n;
+        }
+        Some(Ok(out))
     }
 
     /// The entries of `[offset, offset + len)` as merged mapped ranges.
@@ -1544,6 +1597,57 @@ impl Format for Qcow2 {
             }
         }
         Ok(holes)
+    }
+
+    fn try_read_nowait(&self, offset: u64, buf: &mut [u8]) -> Option<Result<Vec<(u64, u64)>>> {
+        let len = buf.len() as u64;
+        self.check_range(offset, len).ok()?;
+        // Same lookup and gate as `read`, but never waiting: a busy lock, a
+        // table not in memory or anything unusual goes the slow way.
+        let (ranges, _reading) = {
+            let mut m = self.meta.try_lock().ok()?;
+            let entries = self.entries_cached(&mut m, offset, len)?.ok()?;
+            let gate = self.gate.try_read().ok()?;
+            (self.ranges(&entries, offset, len), gate)
+        };
+        let mut last_data = None;
+        for r in &ranges {
+            match r.mapping {
+                Mapping::Compressed => return None,
+                Mapping::Data { host_offset } => last_data = Some(host_offset),
+                _ => {}
+            }
+        }
+        if let Some(start) = last_data
+            && start >= self.storage.len().ok()?
+        {
+            return None; // damaged metadata: `read` reports it
+        }
+        let mut holes = Vec::new();
+        for r in ranges {
+            let at = (r.offset - offset) as usize;
+            let dst = &mut buf[at..at + r.length as usize];
+            match r.mapping {
+                Mapping::Data { host_offset } => {
+                    match self.storage.read_at_nowait(dst, host_offset) {
+                        Ok(true) => {}
+                        Ok(false) => return None,
+                        Err(e) => return Some(Err(self.io("read data", e))),
+                    }
+                }
+                Mapping::Zero { .. } => dst.fill(0),
+                Mapping::Unallocated => holes.push((r.offset, r.length)),
+                Mapping::Compressed => return None,
+            }
+        }
+        Some(Ok(holes))
+    }
+
+    fn map_nowait(&self, offset: u64, len: u64) -> Option<Vec<MappedRange>> {
+        self.check_range(offset, len).ok()?;
+        let mut m = self.meta.try_lock().ok()?;
+        let entries = self.entries_cached(&mut m, offset, len)?.ok()?;
+        Some(self.ranges(&entries, offset, len))
     }
 
     fn write(&self, offset: u64, data: &[u8], fill: &[CowFill<'_>]) -> Result<()> {
