@@ -145,6 +145,8 @@ pub(crate) struct Meta {
     /// (cache eviction) writes refcount blocks only: no table entry, header
     /// or L2 entry may become durable before the blocks it needs are counted.
     rc_critical: u32,
+    /// The largest file length `check_within_file` has seen.
+    len_seen: u64,
     /// Reads hold this shared from their lookup to the end of their data
     /// I/O; queued frees are applied under it exclusively, so a cluster is
     /// never handed to a new owner while a read of its old content runs.
@@ -282,8 +284,16 @@ impl Meta {
     /// Tables and data found through metadata must start inside the file:
     /// a damaged or hostile offset is an error, never a write far past the
     /// end.
-    fn check_within_file(&self, off: u64, what: &str) -> Result<()> {
+    /// The file only grows while it is open (nothing here truncates it, and
+    /// the image lock keeps other writers out), so an offset below a length
+    /// seen before needs no `fstat`: an in-place write pays no syscall under
+    /// the metadata lock.
+    fn check_within_file(&mut self, off: u64, what: &str) -> Result<()> {
+        if off < self.len_seen {
+            return Ok(());
+        }
         let len = self.st.len().map_err(|e| self.io("stat", e))?;
+        self.len_seen = len;
         if off >= len {
             return Err(self.corrupt(format!(
                 "{what} at offset {off:#x} is beyond the end of the file ({len} bytes)"
@@ -696,6 +706,7 @@ impl Qcow2 {
             free_hint: 0,
             pending_frees: Vec::new(),
             rc_critical: 0,
+            len_seen: 0,
             gate: Arc::clone(&gate),
             allocating: BTreeSet::new(),
             snapshots,
