@@ -911,9 +911,25 @@ impl Runner {
             if rate != io.bucket.rate() {
                 io.bucket.set_rate(rate, Instant::now());
             }
-            let d = io.bucket.charge(n, Instant::now());
-            self.throttle_sleep(d, false, &mut io.tasks, &mut io.failures)
-                .await?;
+            let mut d = io.bucket.charge(n, Instant::now());
+            // The wait is slept in slices with the policy asked again after
+            // each: a rate decided while the guest was busy must not hold
+            // the copy through the guest's next idle gap (at the floor, one
+            // 4 MiB piece would otherwise sleep for seconds).
+            while !d.is_zero() {
+                self.throttle_sleep(d.min(POLICY_POLL), false, &mut io.tasks, &mut io.failures)
+                    .await?;
+                let Some(rate) = self
+                    .admit(&mut io.ctl, &mut io.tasks, &mut io.failures)
+                    .await?
+                else {
+                    return Ok(false);
+                };
+                if rate != io.bucket.rate() {
+                    io.bucket.set_rate(rate, Instant::now());
+                }
+                d = io.bucket.debt(Instant::now());
+            }
         }
         let img = Arc::clone(&self.image);
         let base_depth = self.opts.base.depth;

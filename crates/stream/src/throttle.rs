@@ -53,6 +53,21 @@ impl TokenBucket {
         self.tokens = (self.tokens + dt * self.rate as f64).min(self.burst);
     }
 
+    /// How long until what was charged is paid off at the current rate;
+    /// zero when it is, or when the rate is unlimited (which forgives it).
+    pub fn debt(&mut self, now: Instant) -> Duration {
+        if self.rate == 0 {
+            self.tokens = self.tokens.max(0.0);
+            return Duration::ZERO;
+        }
+        self.refill(now);
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate as f64)
+        }
+    }
+
     /// Charges `bytes` and returns how long to wait before spending them.
     pub fn charge(&mut self, bytes: u64, now: Instant) -> Duration {
         if self.rate == 0 {
@@ -101,6 +116,22 @@ mod tests {
         let later = t0 + Duration::from_secs(3600);
         assert_eq!(b.charge(100_000, later), Duration::ZERO);
         assert!(b.charge(1, later) > Duration::ZERO);
+    }
+
+    #[test]
+    fn debt_is_paid_over_time_and_forgiven_when_unlimited() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(1_000_000, t0);
+        let w = b.charge(1_100_000, t0);
+        assert!((w.as_secs_f64() - 1.0).abs() < 1e-6, "{w:?}");
+        let half = t0 + Duration::from_millis(500);
+        let d = b.debt(half);
+        assert!((d.as_secs_f64() - 0.5).abs() < 1e-6, "{d:?}");
+        b.set_rate(0, half);
+        assert_eq!(b.debt(half), Duration::ZERO);
+        // Back to a rate: the old debt is not charged again.
+        b.set_rate(1_000_000, half);
+        assert_eq!(b.debt(half), Duration::ZERO);
     }
 
     #[test]
