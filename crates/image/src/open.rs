@@ -184,6 +184,30 @@ pub fn probe(storage: &dyn Storage) -> Result<FormatKind> {
     })
 }
 
+/// [`lock::apply`], retried for a moment on a conflict. A child process
+/// that another thread of this process forks holds a copy of every
+/// descriptor, and so its OFD locks, until it execs: a lock this process
+/// has just released can look held for that long. A real holder still
+/// wins after the last attempt (about 50 ms).
+async fn apply_lock(
+    storage: &dyn Storage,
+    metadata: bool,
+    access: lock::Access,
+    force_share: bool,
+) -> Result<()> {
+    const ATTEMPTS: u32 = 6;
+    let mut attempt = 1;
+    loop {
+        match lock::apply(storage, metadata, access, force_share) {
+            Err(e) if e.kind() == crate::ErrorKind::Locked && attempt < ATTEMPTS => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Opens the image at `path` and its backing chain.
 pub async fn open(path: &Path, opts: &OpenOptions) -> Result<Arc<Image>> {
     let mut seen = HashSet::new();
@@ -228,7 +252,7 @@ fn open_at_depth<'a>(
             (false, 0) => lock::Access::Read,
             (false, _) => lock::Access::Backing,
         };
-        lock::apply(&*storage, kind.has_metadata(), access, opts.force_share)?;
+        apply_lock(&*storage, kind.has_metadata(), access, opts.force_share).await?;
         // The backing chain is opened before the top image is opened
         // read-write: a read-write open may write (clear autoclear bits,
         // repair a dirty image), and an open that then fails on the chain
