@@ -215,3 +215,75 @@ async fn adaptive_at_its_floor_runs_at_full_speed_once_the_guest_is_idle() {
         ],
     );
 }
+
+/// Under `adaptive` and `idle`, copies are at most 256 KiB and at most 4
+/// run at once, whatever the job's chunk size and window (the guest waits
+/// behind the copies in flight when its burst starts); `fixed` keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gentle_policies_copy_small_pieces_few_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.raw");
+    std::fs::write(
+        &base,
+        (0..8 * MIB)
+            .map(|i| (i / 4096 % 13) as u8 + 1)
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    for (i, kind) in [PolicyKind::Adaptive, PolicyKind::Idle, PolicyKind::Fixed]
+        .into_iter()
+        .enumerate()
+    {
+        let top = d.join(format!("top{i}.qcow2"));
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                base.to_str().unwrap(),
+                "-F",
+                "raw",
+                top.to_str().unwrap(),
+            ],
+        );
+        let img = image::open(
+            &top,
+            &OpenOptions {
+                writable: true,
+                ..OpenOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        let job = StreamJob::start(
+            img.clone(),
+            StreamOptions {
+                policy: Policy::of(kind),
+                record_copies: true,
+                ..StreamOptions::default()
+            },
+        );
+        let mut widest = 0;
+        for _ in 0..20_000 {
+            let info = job.info();
+            widest = widest.max(info.allowed_in_flight.max(info.in_flight));
+            if info.state.is_final() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        assert_eq!(job.wait().await.unwrap().outcome, Outcome::Completed);
+        let biggest = job.copy_log().iter().map(|c| c.len).max().unwrap();
+        if kind == PolicyKind::Fixed {
+            assert_eq!(biggest, MIB, "fixed keeps the job's 1 MiB chunks");
+        } else {
+            assert_eq!(biggest, 256 << 10, "{kind:?}: copies of at most 256 KiB");
+            assert!(widest <= 4, "{kind:?}: {widest} copies allowed at once");
+        }
+        img.close().await.unwrap();
+    }
+}
