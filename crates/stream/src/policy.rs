@@ -103,6 +103,10 @@ impl Policy {
     }
 }
 
+/// Stall samples kept for the stream's own-stall estimate (see
+/// `Controller::self_stall_samples`).
+const SELF_STALL_SAMPLES: usize = 16;
+
 /// Controller constants that are not user parameters.
 #[derive(Clone, Copy, Debug)]
 pub struct Tuning {
@@ -258,9 +262,13 @@ pub struct Controller {
     learning_until: Option<Instant>,
     /// Own copy rate measured over the last tick, bytes/s.
     own_rate: f64,
-    /// Smallest PSI stall per copied byte seen (µs/B): the stall the stream
-    /// itself causes, since other loads only ever add to it.
-    self_stall_per_byte: Option<f64>,
+    /// PSI stall per copied byte (µs/B) of the last ticks that copied while
+    /// not backing off for pressure: the stall the stream itself causes.
+    /// Their mean without the largest is the estimate. (The smallest
+    /// sample, used before, is 0 after any tick whose copies happened not to
+    /// stall, seen often in bench/policy's trace; from then on all of the
+    /// stream's own stall counted as foreign pressure.)
+    self_stall_samples: std::collections::VecDeque<f64>,
     /// Last tick's stall share not explained by the stream.
     foreign_stall: f64,
 }
@@ -294,7 +302,7 @@ impl Controller {
             baseline_at: None,
             learning_until: None,
             own_rate: 0.0,
-            self_stall_per_byte: None,
+            self_stall_samples: std::collections::VecDeque::new(),
             foreign_stall: 0.0,
         }
     }
@@ -450,14 +458,14 @@ impl Controller {
         self.foreign_stall = 0.0;
         if let (Some(p0), Some(p1)) = (prev.psi, inp.psi) {
             let stall_us = p1.some_total_us.saturating_sub(p0.some_total_us) as f64;
-            if copied > 0 {
-                let per_byte = stall_us / copied as f64;
-                self.self_stall_per_byte = Some(
-                    self.self_stall_per_byte
-                        .map_or(per_byte, |s| s.min(per_byte)),
-                );
+            // A backoff's ticks are left out: they hold the foreign load.
+            if copied > 0 && self.reason != HoldReason::HostPressure {
+                if self.self_stall_samples.len() == SELF_STALL_SAMPLES {
+                    self.self_stall_samples.pop_front();
+                }
+                self.self_stall_samples.push_back(stall_us / copied as f64);
             }
-            let own = self.self_stall_per_byte.unwrap_or(0.0) * copied as f64;
+            let own = self.self_stall_per_byte() * copied as f64;
             self.foreign_stall = ((stall_us - own).max(0.0) / 1e6) / secs;
         }
 
@@ -498,6 +506,19 @@ impl Controller {
                     self.increase();
                 }
             }
+        }
+    }
+
+    /// The stream's own PSI stall per copied byte (µs/B), 0 before any
+    /// sample: the mean of the samples without the largest, which one tick
+    /// spoiled by a foreign load's start would otherwise inflate.
+    fn self_stall_per_byte(&self) -> f64 {
+        let v = &self.self_stall_samples;
+        let (sum, max) = v.iter().fold((0.0, 0.0f64), |(s, m), &x| (s + x, m.max(x)));
+        match v.len() {
+            0 => 0.0,
+            1 | 2 => v.iter().copied().fold(f64::INFINITY, f64::min),
+            n => (sum - max) / (n - 1) as f64,
         }
     }
 
@@ -803,6 +824,19 @@ mod tests {
         for _ in 0..20 {
             s.tick(0, 0, false, 8 << 20, 50);
             assert_eq!(s.c.window, 8);
+        }
+    }
+
+    #[test]
+    fn a_tick_without_stall_does_not_make_all_own_stall_foreign() {
+        let mut s = Sim::new(Policy::of(PolicyKind::HostPressure));
+        s.tick(0, 0, false, 0, 0);
+        // The stream stalls itself about 15% of the time, with one lucky
+        // tick of no stall at all among them: no backoff, ever.
+        for i in 0..30 {
+            let stall = if i == 3 { 0 } else { 15 };
+            s.tick(0, 0, false, 8 << 20, stall);
+            assert_eq!(s.c.window, 8, "tick {i}: {}", s.c.foreign_stall);
         }
     }
 
