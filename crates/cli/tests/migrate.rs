@@ -445,7 +445,17 @@ fn deploy_serves_before_reading_any_data_at_two_sizes() {
         let ready = dep.wait_for("ready");
         assert_eq!(ready["source-bytes-read"], 0, "{size}: {ready}");
         assert!(ready["ready-seconds"].as_f64().unwrap() > 0.0);
+        // The client comes 300 ms after the export listens: time to ready
+        // ends at the first accepted connection, so it includes the wait.
+        std::thread::sleep(Duration::from_millis(300));
         qio_ok(&uri, &["read -P 0x24 12M 1M", "write -P 0x99 8M 64k"]);
+        let connected = dep.wait_for("connected");
+        let ttr = connected["time-to-ready-seconds"].as_f64().unwrap();
+        let listening = ready["ready-seconds"].as_f64().unwrap();
+        assert!(
+            ttr >= listening + 0.299,
+            "{size}: time to ready {ttr} s is not the first connection (listening at {listening} s)"
+        );
         let end = dep.wait_for("stream-end");
         assert_eq!(end["outcome"], "completed", "{end}");
         dep.wait_for("serving");

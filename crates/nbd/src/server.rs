@@ -98,6 +98,9 @@ pub struct ServerConfig {
     pub verbose: bool,
     /// When set, TLS is required: clients must `STARTTLS` first.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// When set, receives the moment the first connection was accepted
+    /// (deploy's "time to ready" ends there).
+    pub first_accept: Option<Arc<std::sync::OnceLock<std::time::Instant>>>,
 }
 
 impl ServerConfig {
@@ -118,6 +121,7 @@ impl ServerConfig {
             persistent: true,
             verbose: false,
             tls: None,
+            first_accept: None,
         }
     }
 }
@@ -252,6 +256,9 @@ pub async fn run(
                 break;
             }
         };
+        if let Some(first) = &config.first_accept {
+            let _ = first.set(std::time::Instant::now());
+        }
         served.store(true, Ordering::SeqCst);
         active.count.fetch_add(1, Ordering::SeqCst);
         let (config, stop, done, active) = (

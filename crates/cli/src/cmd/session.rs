@@ -154,6 +154,11 @@ pub struct Session {
     pub job: Arc<StreamJob>,
     /// From the start of [`Session::start`] to the export listening.
     pub ready: Duration,
+    /// When [`Session::start`] began.
+    pub started: Instant,
+    /// Set by the NBD server when it accepts its first connection: the
+    /// time to ready is from `started` to then.
+    pub first_accept: Arc<std::sync::OnceLock<Instant>>,
     /// Bytes read from the source by the time the export listened.
     pub source_bytes_before_ready: u64,
     /// The URI a client attaches to.
@@ -241,6 +246,8 @@ impl Session {
             multi_conn: true,
         }]);
         config.persistent = cfg.persistent;
+        let first_accept = Arc::new(std::sync::OnceLock::new());
+        config.first_accept = Some(Arc::clone(&first_accept));
         let (stop, mut stop_rx) = watch::channel(false);
         let server = tokio::spawn(server::run(listener, config, async move {
             let _ = stop_rx.wait_for(|&s| s).await;
@@ -257,7 +264,7 @@ impl Session {
                 "source-bytes-read": source_bytes_before_ready,
             }),
             &format!(
-                "serving {} at {uri} (ready in {:.1} ms; {} virtual, backed by {} ({}))",
+                "serving {} at {uri} (listening in {:.1} ms; {} virtual, backed by {} ({}))",
                 cfg.image.display(),
                 ready.as_secs_f64() * 1e3,
                 human(img.size()),
@@ -281,11 +288,21 @@ impl Session {
             source: src.device,
             job,
             ready,
+            started: t0,
+            first_accept,
             source_bytes_before_ready,
             uri,
             server: Some(server),
             stop,
         })
+    }
+
+    /// From the start to the export's first accepted connection, once a
+    /// client has connected.
+    pub fn time_to_ready(&self) -> Option<Duration> {
+        self.first_accept
+            .get()
+            .map(|t| t.saturating_duration_since(self.started))
     }
 
     /// Follows the stream to its end with progress, pausing it while the
@@ -294,6 +311,7 @@ impl Session {
     pub async fn follow(&self, report: &Reporter) -> Result<StreamSummary> {
         let nbd = (&*self.source as &dyn std::any::Any).downcast_ref::<NbdClient>();
         let mut paused_for_outage = false;
+        let mut connected_reported = false;
         let mut last_json = Instant::now() - JSON_PROGRESS_EVERY;
         let stop = stop_signal();
         tokio::pin!(stop);
@@ -309,6 +327,18 @@ impl Session {
                     break self.job.wait().await;
                 }
                 _ = tokio::time::sleep(TICK) => {}
+            }
+            if !connected_reported && let Some(ttr) = self.time_to_ready() {
+                connected_reported = true;
+                report.end_progress();
+                report.event(
+                    "connected",
+                    json!({"time-to-ready-seconds": ttr.as_secs_f64()}),
+                    &format!(
+                        "first client connected: time to ready {:.1} ms (start to first accepted connection)",
+                        ttr.as_secs_f64() * 1e3
+                    ),
+                );
             }
             if let Some(c) = nbd {
                 let up = c.is_connected();
