@@ -457,13 +457,16 @@ fn build_client(url: &str, opts: &HttpOptions) -> Result<reqwest::Client, HttpEr
 /// Transport failures are transient (refused, reset, timed out, cut short);
 /// only a request that cannot even be built is not.
 fn transport<T>(e: reqwest::Error, url: &str) -> Attempt<T> {
-    if e.is_builder() || e.is_redirect() {
+    let chain = error_chain(&e);
+    // A certificate the client does not trust will not become trusted by
+    // asking again: fail at once instead of retrying for the window.
+    if e.is_builder() || e.is_redirect() || chain.contains("invalid peer certificate") {
         return Attempt::Fatal(HttpError::Protocol {
             url: url.into(),
-            message: error_chain(&e),
+            message: chain,
         });
     }
-    Attempt::Transient(error_chain(&e))
+    Attempt::Transient(chain)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

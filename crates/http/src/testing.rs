@@ -28,12 +28,22 @@ pub struct Nginx {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
+    scheme: &'static str,
 }
 
 impl Nginx {
     /// Serves `root` with `extra` added to the `server` block (e.g.
     /// `max_ranges 0;`).
     pub fn start(root: &Path, extra: &str) -> io::Result<Nginx> {
+        Nginx::start_with(root, extra, None)
+    }
+
+    /// [`Nginx::start`] serving HTTPS with `cert` and `key` (PEM files).
+    pub fn start_tls(root: &Path, extra: &str, cert: &Path, key: &Path) -> io::Result<Nginx> {
+        Nginx::start_with(root, extra, Some((cert, key)))
+    }
+
+    fn start_with(root: &Path, extra: &str, tls: Option<(&Path, &Path)>) -> io::Result<Nginx> {
         let dir = tempfile::tempdir()?;
         // Reserve a port by binding it, then hand it to nginx.
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -59,18 +69,27 @@ impl Nginx {
                default_type application/octet-stream;\n\
                keepalive_requests 100000;\n\
                server {{\n\
-                 listen 127.0.0.1:{port};\n\
+                 listen 127.0.0.1:{port}{ssl};\n\
                  root {root};\n\
                  {extra}\n\
                }}\n\
              }}\n",
             root = root.display(),
+            ssl = match tls {
+                Some((cert, key)) => format!(
+                    " ssl;\n ssl_certificate {};\n ssl_certificate_key {}",
+                    cert.display(),
+                    key.display()
+                ),
+                None => String::new(),
+            },
         );
         std::fs::write(dir.path().join("nginx.conf"), conf)?;
         let mut n = Nginx {
             dir,
             port,
             child: None,
+            scheme: if tls.is_some() { "https" } else { "http" },
         };
         n.start_again()?;
         Ok(n)
@@ -128,9 +147,9 @@ impl Nginx {
         self.port
     }
 
-    /// `http://127.0.0.1:PORT/NAME`.
+    /// `http://127.0.0.1:PORT/NAME` (`https` when started with TLS).
     pub fn url(&self, name: &str) -> String {
-        format!("http://127.0.0.1:{}/{name}", self.port)
+        format!("{}://127.0.0.1:{}/{name}", self.scheme, self.port)
     }
 
     pub fn access_log(&self) -> String {
