@@ -377,3 +377,116 @@ async fn backing_outages_follow_the_outage_policy() {
         println!("outage.{}.survived={survived}", case.name);
     }
 }
+
+// ---- the HTTP backing ------------------------------------------------------
+
+/// An overlay whose backing is `base.raw` served by nginx over HTTP.
+struct HttpSetup {
+    s: Setup,
+    nginx: http::testing::Nginx,
+}
+
+fn http_setup(case: &Case) -> HttpSetup {
+    let dir = tempfile::tempdir().unwrap();
+    let basep = dir.path().join("base.raw");
+    let base = base_content(SIZE);
+    write_base(&basep, &base);
+    let nginx = http::testing::Nginx::start(dir.path(), "").expect("nginx");
+    let top = dir.path().join(format!("top.{}", case.format));
+    let url = nginx.url("base.raw");
+    let mut args = vec!["create", "-q", "-u", "-f", case.format];
+    if !case.options.is_empty() {
+        args.extend(["-o", case.options]);
+    }
+    let sz = SIZE.to_string();
+    args.extend(["-b", &url, "-F", "raw", top.to_str().unwrap(), &sz]);
+    run_ok("qemu-img", &args);
+    let sock = dir.path().join("unused.sock");
+    HttpSetup {
+        s: Setup {
+            dir,
+            base,
+            basep,
+            sock,
+            top,
+        },
+        nginx,
+    }
+}
+
+async fn http_open(s: &Setup, window: Duration) -> Arc<Image> {
+    let options = http::HttpOptions {
+        connect_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(2),
+        retry_window: Some(window),
+        backoff_min: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        ..http::HttpOptions::default()
+    };
+    let opts = OpenOptions {
+        writable: true,
+        opener: Some(Arc::new(http::HttpOpener { options })),
+        ..OpenOptions::default()
+    };
+    let img = image::open(&s.top, &opts).await.unwrap();
+    img.set_copy_on_read(true, None);
+    img
+}
+
+/// nginx stopped and started again within the retry window: guest reads of
+/// remote data wait and succeed, the stream never fails.
+async fn http_stopped_within_window(case: &Case) {
+    let mut h = http_setup(case);
+    let img = http_open(&h.s, Duration::from_secs(30)).await;
+    let job = start_stream(&img, 4 << 20, OnError::Report);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.nginx.stop();
+    let reader = {
+        let img = Arc::clone(&img);
+        tokio::spawn(async move { img.read(REMOTE_AT, 65536).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!reader.is_finished(), "a read of remote data did not wait");
+    h.nginx.start_again().expect("nginx again");
+    let v = reader.await.unwrap().expect("read waited and succeeded");
+    assert_eq!(v, base_at(&h.s, REMOTE_AT, 65536));
+    assert!(job.info().state != JobState::Failed);
+    finish(case, &h.s, img, &job, &[]).await;
+}
+
+/// nginx down past the window: remote reads fail with EIO, local data and
+/// writes work, the job pauses itself and resumes when nginx is back.
+async fn http_down_past_window(case: &Case) {
+    let mut h = http_setup(case);
+    let img = http_open(&h.s, Duration::from_millis(500)).await;
+    let local = stamped(7, 0, 65536);
+    img.write(0, Bytes::from(local.clone()), WriteFlags::default())
+        .await
+        .unwrap();
+    let job = start_stream(&img, 4 << 20, OnError::Report);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.nginx.stop();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let e = img
+        .read(REMOTE_AT, 4096)
+        .await
+        .expect_err("a remote read past the window must fail");
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    assert_eq!(img.read(0, 65536).await.unwrap(), local, "local data");
+    until_state(&job, |s| s == JobState::Paused, "paused itself").await;
+    h.nginx.start_again().expect("nginx again");
+    until_state(&job, |s| s != JobState::Paused, "resumed by itself").await;
+    finish(case, &h.s, img, &job, &[(0, local)]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_backing_outages_follow_the_outage_policy() {
+    for case in overlay_cases() {
+        let mut survived = 0;
+        http_stopped_within_window(&case).await;
+        survived += 1;
+        http_down_past_window(&case).await;
+        survived += 1;
+        println!("outage.http.{}.survived={survived}", case.name);
+    }
+}

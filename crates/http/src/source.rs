@@ -100,6 +100,9 @@ impl From<HttpError> for image::Error {
     fn from(e: HttpError) -> Self {
         match e {
             HttpError::InvalidUrl { .. } => image::Error::InvalidInput(e.to_string()),
+            // Past the retry window: the outage policy's "unreachable", so a
+            // stream job pauses and probes instead of failing (as for NBD).
+            HttpError::Unavailable { .. } => image::Error::Unavailable(e.to_string()),
             other => image::Error::Remote(other.to_string()),
         }
     }
