@@ -457,6 +457,9 @@ impl Core {
                     .opt_object("addr")?
                     .ok_or_else(|| QmpError::generic("Parameter 'addr' is missing"))?;
                 let creds = args.opt_str("tls-creds")?;
+                // As QEMU: 0 (the default) is unlimited. A multi-connection
+                // client opens several per export (ours: up to 4).
+                let max_connections = args.opt_u64("max-connections")?.unwrap_or(0);
                 if args.opt_str("tls-authz")?.is_some() {
                     return Err(QmpError::generic(
                         "tls-authz is not supported by diskstream daemon (authorization \
@@ -469,7 +472,7 @@ impl Core {
                     None => None,
                     Some(id) => Some(self.server_tls_creds(id)?),
                 };
-                self.exports.start(&addr, tls).await?;
+                self.exports.start(&addr, tls, max_connections).await?;
                 self.server_tls = creds;
                 json!({})
             }

@@ -122,11 +122,14 @@ impl Exports {
     }
 
     /// Starts the NBD server; with `tls`, every client must upgrade to TLS
-    /// before it sees anything (the export list included).
+    /// before it sees anything (the export list included). At most
+    /// `max_connections` clients are served at once, 0 for no limit (QEMU's
+    /// `max-connections`); further ones wait to be accepted.
     pub async fn start(
         &mut self,
         addr: &NbdAddr,
         tls: Option<nbd::tls::ServerTls>,
+        max_connections: u64,
     ) -> Result<(), QmpError> {
         if self.server.is_some() {
             return Err(QmpError::generic("NBD server already running"));
@@ -147,6 +150,12 @@ impl Exports {
         config.shared_exports = Some(Arc::clone(&self.table));
         config.persistent = true;
         config.tls = tls;
+        config.max_connections = match max_connections {
+            0 => tokio::sync::Semaphore::MAX_PERMITS,
+            n => usize::try_from(n)
+                .unwrap_or(usize::MAX)
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        };
         let (stop, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(listener, config, async move {
             let _ = rx.await;
