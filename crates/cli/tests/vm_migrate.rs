@@ -4,6 +4,7 @@
 //! NBD, the destination to `migrate receive --serve`, RAM moved by QEMU's
 //! own migration. No guest OS: SeaBIOS reads the disk's boot sector and
 //! idles, which is enough for the RAM migration and the NBD attachment.
+//! Also the README's "Rapid deployment" with a VM attached to `deploy`.
 
 mod common;
 
@@ -302,4 +303,113 @@ fn readme_post_copy_migration_with_two_qemu_vms() {
     .unwrap();
     assert!(info.get("backing-filename").is_none(), "{info}");
     qemu_ok(&d, "qemu-img", &["compare", &disk, &dst_img]);
+}
+
+/// "Rapid deployment" steps 1-4: a repository served over NBD, `deploy
+/// --serve unix:...`, a VM attached to the export at once while the stream
+/// runs, and an overlay without backing at the end.
+#[test]
+fn readme_deploy_with_a_qemu_vm_attached() {
+    let qemu = qemu_system();
+    let d = Dir::new();
+    let base = d.s("debian.qcow2");
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &base, "16M"],
+    );
+    common::qemu_io(
+        &d,
+        "qcow2",
+        &base,
+        &["write -P 0xeb 0 510", "write -P 0x33 2M 2M"],
+    );
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    // 1. The repository.
+    let _repo = Proc(
+        Command::new(env!("CARGO_BIN_EXE_diskstream"))
+            .args([
+                "serve",
+                "-r",
+                "--persistent",
+                "-e",
+                "64",
+                "-x",
+                "debian",
+                "-b",
+            ])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg(&base)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < LIMIT, "the repository never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // 2. Deploy.
+    let sock = d.path("vm0.sock");
+    let mut dep = Proc(
+        Command::new(env!("CARGO_BIN_EXE_diskstream"))
+            .args(["deploy", "--serve"])
+            .arg(format!("unix:{}", sock.display()))
+            .args(["--speed", "1M", "--output", "json"])
+            .arg(format!("nbd://127.0.0.1:{port}/debian"))
+            .arg("vm0.qcow2")
+            .current_dir(d.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let rx = events(&mut dep.0);
+    let mut seen = Vec::new();
+    let ready = wait_event(&rx, &mut seen, "ready");
+    assert_eq!(ready["source-bytes-read"], 0, "{ready}");
+    // 3. Attach the VM at once.
+    let vm_qmp = d.path("vm.qmp");
+    let _vm = vm(
+        &qemu,
+        &vm_qmp,
+        &format!("nbd+unix:///vm0?socket={}", sock.display()),
+        &[],
+    );
+    let mut q = Qmp::connect(&vm_qmp);
+    assert_eq!(q.cmd("query-status", json!({}))["status"], "running");
+    let block = q.cmd("query-block", json!({}));
+    assert!(
+        block.to_string().contains(sock.to_str().unwrap()),
+        "the VM is not attached to the deploy export: {block}"
+    );
+    // 4. The stream completes; deploy keeps serving the VM until SIGTERM.
+    wait_event(&rx, &mut seen, "stream-end");
+    wait_event(&rx, &mut seen, "serving");
+    assert_eq!(q.cmd("query-status", json!({}))["status"], "running");
+    q.cmd("quit", json!({}));
+    // SAFETY: kill(2) with our own child's pid; no memory is involved.
+    assert_eq!(unsafe { libc::kill(dep.0.id() as i32, libc::SIGTERM) }, 0);
+    let end = Instant::now() + LIMIT;
+    let st = loop {
+        if let Some(s) = dep.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "deploy did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(st.success(), "deploy failed: {seen:?}");
+    let img = d.s("vm0.qcow2");
+    qemu_ok(&d, "qemu-img", &["check", &img]);
+    let info: Value = serde_json::from_str(&qemu_ok(
+        &d,
+        "qemu-img",
+        &["info", "--output", "json", &img],
+    ))
+    .unwrap();
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    qemu_ok(&d, "qemu-img", &["compare", &base, &img]);
 }
