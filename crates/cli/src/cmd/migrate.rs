@@ -119,7 +119,16 @@ async fn send(args: SendArgs) -> Result<ExitCode> {
     if let Some(addr) = addr {
         c.execute("nbd-server-start", json!({ "addr": addr }))
             .await
-            .map_err(|e| anyhow::anyhow!("nbd-server-start: {:#}", command_error(e)))?;
+            .map_err(|e| {
+                let e = command_error(e);
+                let hint = if format!("{e:#}").contains("already running") {
+                    " (the daemon already serves NBD, e.g. from its --nbd: leave out \
+                     --bind/--socket and the destination reads from that server)"
+                } else {
+                    ""
+                };
+                anyhow::anyhow!("nbd-server-start: {e:#}{hint}")
+            })?;
     }
     let name = args.export.clone().unwrap_or_else(|| args.device.clone());
     c.execute(
