@@ -32,6 +32,13 @@ fn base_data() -> Vec<u8> {
 
 /// A directory with base.raw and base.qcow2 (same content), served by nginx.
 fn served() -> (Dir, Nginx) {
+    let d = bases();
+    let n = Nginx::start(d.dir.path(), "").expect("nginx");
+    (d, n)
+}
+
+/// A directory with base.raw and base.qcow2 (same content).
+fn bases() -> Dir {
     let d = Dir::new();
     std::fs::write(d.path("base.raw"), base_data()).unwrap();
     qemu_ok(
@@ -47,8 +54,7 @@ fn served() -> (Dir, Nginx) {
             &d.s("base.qcow2"),
         ],
     );
-    let n = Nginx::start(d.dir.path(), "").expect("nginx");
-    (d, n)
+    d
 }
 
 /// `json:` name of a qcow2 image opened without its backing (this QEMU has
@@ -283,21 +289,7 @@ fn ds_env(d: &Dir, env: &[(&str, &Path)], args: &[&str]) -> std::process::Output
 /// with a clear error, nothing created, when it is not.
 #[test]
 fn https_backings_work_with_a_trusted_ca_and_are_refused_without_it() {
-    let d = Dir::new();
-    std::fs::write(d.path("base.raw"), base_data()).unwrap();
-    qemu_ok(
-        &d,
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            &d.s("base.raw"),
-            &d.s("base.qcow2"),
-        ],
-    );
+    let d = bases();
     let certs = d.path("certs");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-test-certs");
     let o = Command::new(&script)

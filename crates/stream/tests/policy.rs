@@ -8,8 +8,10 @@
 //! No assertion is on speed. The margins are wide (tens of milliseconds) so
 //! a loaded machine's scheduling delays do not make a copy look misplaced.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,35 +22,9 @@ use nbd::server::{self, Export, Listener, ServerConfig};
 use stream::policy::{Policy, PolicyKind};
 use stream::{Outcome, StreamJob, StreamOptions};
 
+use common::{Kill, run, wait_for};
+
 const MIB: u64 = 1 << 20;
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().expect(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn wait_for(path: &Path) {
-    for _ in 0..200 {
-        if path.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("{} did not appear", path.display());
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_policy_copies_only_in_the_guests_gaps() {

@@ -9,8 +9,9 @@
 //! The only time bound is a hang detector with a wide margin: the stream
 //! needs a few seconds unthrottled, the bug made it wait over a minute.
 
-use std::path::Path;
-use std::process::{Child, Command};
+mod common;
+
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -19,38 +20,12 @@ use image::{BlockDevice, OpenOptions};
 use stream::policy::{HoldReason, Policy, PolicyKind};
 use stream::{Outcome, StreamJob, StreamOptions};
 
+use common::{Kill, run, wait_for};
+
 const MIB: u64 = 1 << 20;
 const UNIT: u64 = 64 << 10;
 /// 4 KiB/s: one 256 KiB copy charged at it waits 64 s.
 const FLOOR: u64 = 4 << 10;
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().expect(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn wait_for(path: &Path) {
-    for _ in 0..2000 {
-        if path.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    panic!("{} never appeared", path.display());
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adaptive_at_its_floor_runs_at_full_speed_once_the_guest_is_idle() {
@@ -121,8 +96,8 @@ async fn adaptive_at_its_floor_runs_at_full_speed_once_the_guest_is_idle() {
     ));
 
     // The guest: back-to-back local reads (the baseline: fast), then
-    // remote reads from the top of the disk down (50 ms each: far above
-    // target), until told to stop. Bounded by the unit count.
+    // remote reads from the top of the disk down, four at a time (50 ms
+    // each: far above target), until told to stop. Bounded by the units.
     let stop = Arc::new(AtomicBool::new(false));
     let guest = {
         let (img, stop) = (img.clone(), stop.clone());
@@ -133,10 +108,23 @@ async fn adaptive_at_its_floor_runs_at_full_speed_once_the_guest_is_idle() {
                 img.read((i * 4096) % MIB, 4096).await.unwrap();
                 i += 1;
             }
-            let mut u = size / UNIT - 1;
-            while !stop.load(Ordering::Relaxed) && u > 64 {
-                img.read(u * UNIT, 4096).await.unwrap();
-                u -= 1;
+            // Four readers at once: enough completions in every 100 ms
+            // controller tick for it to judge the latency.
+            let top = size / UNIT - 1;
+            let readers: Vec<_> = (0..4u64)
+                .map(|k| {
+                    let (img, stop) = (img.clone(), stop.clone());
+                    tokio::spawn(async move {
+                        let mut u = top - k;
+                        while !stop.load(Ordering::Relaxed) && u > 64 {
+                            img.read(u * UNIT, 4096).await.unwrap();
+                            u -= 4;
+                        }
+                    })
+                })
+                .collect();
+            for r in readers {
+                r.await.unwrap();
             }
         })
     };
