@@ -104,7 +104,8 @@ pub(super) fn check(m: &mut Meta, repair: Option<Repair>) -> Result<CheckReport>
                     _ => continue,
                 };
                 allocated += 1;
-                if last_data != 0 && last_data + cs != host {
+                // Hostile offsets may sit near u64::MAX: no overflow.
+                if last_data != 0 && last_data.checked_add(cs) != Some(host) {
                     fragmented += 1;
                 }
                 last_data = host;
