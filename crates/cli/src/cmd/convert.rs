@@ -205,7 +205,7 @@ impl Chunk {
             let at = (hoff - off) as usize;
             buf[at..at + data.len()].copy_from_slice(&data);
         }
-        let runs = nonzero_runs(&buf);
+        let runs = image::iobuf::nonzero_runs(&buf, SPARSE);
         let data = Bytes::from_owner(buf);
         for (start, end) in runs {
             self.dst
@@ -217,48 +217,5 @@ impl Chunk {
                 .await?;
         }
         Ok(())
-    }
-}
-
-/// The runs of `buf` made of [`SPARSE`]-sized blocks that are not all zeros.
-pub fn nonzero_runs(buf: &[u8]) -> Vec<(usize, usize)> {
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    for (i, block) in buf.chunks(SPARSE).enumerate() {
-        if is_zero(block) {
-            continue;
-        }
-        let (s, e) = (i * SPARSE, i * SPARSE + block.len());
-        match runs.last_mut() {
-            Some(last) if last.1 == s => last.1 = e,
-            _ => runs.push((s, e)),
-        }
-    }
-    runs
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    let (head, words, tail) = {
-        // SAFETY: every bit pattern is a valid u64; align_to only splits.
-        unsafe { b.align_to::<u64>() }
-    };
-    head.iter().all(|&x| x == 0) && words.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::nonzero_runs;
-
-    #[test]
-    fn zero_blocks_are_skipped_and_runs_merged() {
-        let mut b = vec![0u8; 5 * 4096 + 100];
-        b[1] = 1;
-        b[4096 + 7] = 1;
-        b[3 * 4096] = 1;
-        b[5 * 4096 + 99] = 1;
-        assert_eq!(
-            nonzero_runs(&b),
-            vec![(0, 8192), (12288, 16384), (20480, 20580)]
-        );
-        assert!(nonzero_runs(&[0u8; 8192]).is_empty());
     }
 }
