@@ -166,6 +166,14 @@ impl Handle {
 enum NodeKind {
     /// A protocol node (`driver: file`): a file name a format node opens.
     File { path: PathBuf },
+    /// A protocol node for a remote file (`driver: http` / `https`, what
+    /// QEMU's curl driver offers): opened (HEAD: size, validators, ranges)
+    /// when added, always read-only. A format node on it runs its engine
+    /// over range requests.
+    Http {
+        driver: &'static str,
+        source: Arc<http::HttpSource>,
+    },
     /// A format node (qcow2, raw): an open image.
     Image {
         image: Arc<Image>,
@@ -189,6 +197,7 @@ impl Node {
     fn path(&self) -> PathBuf {
         match &self.kind {
             NodeKind::File { path } => path.clone(),
+            NodeKind::Http { source, .. } => PathBuf::from(source.name()),
             NodeKind::Image { image, .. } => image.format().storage().path().to_owned(),
         }
     }
@@ -592,7 +601,7 @@ impl Core {
     fn image_node(&self, name: &str) -> Option<(&Node, &Arc<Image>)> {
         self.node(name).and_then(|n| match &n.kind {
             NodeKind::Image { image, .. } => Some((n, image)),
-            NodeKind::File { .. } => None,
+            NodeKind::File { .. } | NodeKind::Http { .. } => None,
         })
     }
 
@@ -627,7 +636,7 @@ impl Core {
 
     async fn blockdev_add(&mut self, mut args: Args) -> Result<Value, QmpError> {
         let driver = args
-            .opt_enum("driver", &["file", "qcow2", "qed", "raw"])?
+            .opt_enum("driver", &["file", "http", "https", "qcow2", "qed", "raw"])?
             .ok_or_else(|| QmpError::generic("Parameter 'driver' is missing"))?;
         let node_name = args
             .opt_str("node-name")?
@@ -649,28 +658,46 @@ impl Core {
             });
             return Ok(json!({}));
         }
+        if let Some(hdriver) = http_driver(&driver) {
+            let spec = HttpNodeSpec::take(hdriver, &mut args, read_only)?;
+            args.finish()?;
+            self.check_new_node_name(&node_name)?;
+            let source = spec.open().await?;
+            self.nodes.push(Node {
+                name: node_name,
+                read_only: true,
+                direct: direct.unwrap_or(false),
+                kind: NodeKind::Http {
+                    driver: hdriver,
+                    source,
+                },
+            });
+            return Ok(json!({}));
+        }
         let driver: &'static str = match driver.as_str() {
             "qcow2" => "qcow2",
             "qed" => "qed",
             _ => "raw",
         };
-        // file: a node name or {"driver": "file", "filename": ...}.
+        // file: a node name, {"driver": "file", "filename": ...} or
+        // {"driver": "http"|"https", "url": ...}.
         let mut file_node = None;
         let mut new_file_node = None;
-        let (path, file_direct, file_ro) = match args.opt_value("file") {
+        let (file, file_direct, file_ro) = match args.opt_value("file") {
             None => return Err(QmpError::generic("Parameter 'file' is missing")),
             Some(Value::String(name)) => {
                 let n = self.node(&name).ok_or_else(|| {
                     QmpError::generic(format!("Cannot find device='' nor node-name='{name}'"))
                 })?;
-                let NodeKind::File { path } = &n.kind else {
-                    return Err(QmpError::generic(format!(
-                        "Node '{name}' is a {} node; 'file' must name a protocol (driver 'file') node",
-                        match &n.kind {
-                            NodeKind::Image { driver, .. } => *driver,
-                            NodeKind::File { .. } => "file",
-                        }
-                    )));
+                let file = match &n.kind {
+                    NodeKind::File { path } => FileSource::Path(path.clone()),
+                    NodeKind::Http { source, .. } => FileSource::Http(Arc::clone(source)),
+                    NodeKind::Image { driver, .. } => {
+                        return Err(QmpError::generic(format!(
+                            "Node '{name}' is a {driver} node; 'file' must name a protocol \
+                             (driver 'file', 'http' or 'https') node"
+                        )));
+                    }
                 };
                 if self.nodes.iter().any(
                     |o| matches!(&o.kind, NodeKind::Image { file_node: Some(f), .. } if *f == name),
@@ -680,20 +707,25 @@ impl Core {
                     )));
                 }
                 file_node = Some(name.clone());
-                (path.clone(), n.direct, n.read_only)
+                (file, n.direct, n.read_only)
             }
             Some(Value::Object(m)) => {
-                let mut f = Args::new(m);
-                let fdriver = f.opt_enum("driver", &["file"])?;
-                if fdriver.is_none() {
+                let mut f = Args::nested(m, "file.");
+                let Some(fdriver) = f.opt_enum("driver", &["file", "http", "https"])? else {
                     return Err(QmpError::generic("Parameter 'file.driver' is missing"));
-                }
-                let filename = f
-                    .opt_str("filename")?
-                    .ok_or_else(|| QmpError::generic("Parameter 'file.filename' is missing"))?;
+                };
                 let fname = f.opt_str("node-name")?;
                 let fro = f.opt_bool("read-only")?.unwrap_or(false);
-                let fdirect = Self::cache_arg(&mut f)?;
+                let fdirect = Self::cache_arg(&mut f)?.unwrap_or(false);
+                let (spec, filename) = match http_driver(&fdriver) {
+                    Some(d) => (Some(HttpNodeSpec::take(d, &mut f, fro)?), String::new()),
+                    None => {
+                        let filename = f.opt_str("filename")?.ok_or_else(|| {
+                            QmpError::generic("Parameter 'file.filename' is missing")
+                        })?;
+                        (None, filename)
+                    }
+                };
                 f.finish()?;
                 if let Some(n) = &fname {
                     self.check_new_node_name(n)?;
@@ -703,9 +735,26 @@ impl Core {
                         )));
                     }
                 }
-                let path = PathBuf::from(filename);
-                new_file_node = fname.map(|n| (n, path.clone(), fro, fdirect.unwrap_or(false)));
-                (path, fdirect.unwrap_or(false), fro)
+                match spec {
+                    Some(spec) => {
+                        let driver = spec.driver;
+                        let source = spec.open().await?;
+                        new_file_node = fname.map(|n| {
+                            let kind = NodeKind::Http {
+                                driver,
+                                source: Arc::clone(&source),
+                            };
+                            (n, kind, true, fdirect)
+                        });
+                        (FileSource::Http(source), fdirect, true)
+                    }
+                    None => {
+                        let path = PathBuf::from(filename);
+                        new_file_node =
+                            fname.map(|n| (n, NodeKind::File { path: path.clone() }, fro, fdirect));
+                        (FileSource::Path(path), fdirect, fro)
+                    }
+                }
             }
             Some(_) => {
                 return Err(QmpError::generic(
@@ -768,19 +817,29 @@ impl Core {
             opener: Some(remote_opener()),
             ..OpenOptions::default()
         };
-        let image = image::open(&path, &opts)
-            .await
-            .map_err(|e| QmpError::generic(format!("Could not open '{}': {e}", path.display())))?;
+        let image = match file {
+            FileSource::Path(path) => image::open(&path, &opts).await.map_err(|e| {
+                QmpError::generic(format!("Could not open '{}': {e}", path.display()))
+            })?,
+            FileSource::Http(source) => {
+                let url = source.name().to_string();
+                let kind = image::open::FormatKind::parse(driver)?;
+                http::HttpOpener::default()
+                    .open_image(source, kind, &opts)
+                    .await
+                    .map_err(|e| QmpError::generic(format!("Could not open '{url}': {e}")))?
+            }
+        };
         if cor == Some(true) {
             image.set_copy_on_read(true, None);
         }
-        if let Some((n, p, ro, d)) = new_file_node {
+        if let Some((n, kind, ro, d)) = new_file_node {
             file_node = Some(n.clone());
             self.nodes.push(Node {
                 name: n,
                 read_only: ro,
                 direct: d,
-                kind: NodeKind::File { path: p },
+                kind,
             });
         }
         self.nodes.push(Node {
@@ -985,6 +1044,11 @@ impl Core {
                 let size = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
                 v["drv"] = json!("file");
                 v["image"] = json!({"filename": path, "format": "file", "virtual-size": size});
+            }
+            NodeKind::Http { driver, source } => {
+                v["drv"] = json!(driver);
+                v["image"] =
+                    json!({"filename": path, "format": driver, "virtual-size": source.size()});
             }
             NodeKind::Image { image, driver, .. } => {
                 v["drv"] = json!(driver);
@@ -1612,4 +1676,136 @@ pub fn remote_opener() -> Arc<dyn image::open::Opener> {
         Arc::new(nbd::client::NbdOpener::default()),
         Arc::new(http::HttpOpener::default()),
     ]))
+}
+
+/// What a format node reads: a local file or a remote one.
+enum FileSource {
+    Path(PathBuf),
+    Http(Arc<http::HttpSource>),
+}
+
+/// The QEMU driver name for HTTP protocol nodes, if `driver` is one.
+fn http_driver(driver: &str) -> Option<&'static str> {
+    match driver {
+        "http" => Some("http"),
+        "https" => Some("https"),
+        _ => None,
+    }
+}
+
+/// QEMU's limit on the curl driver's `timeout` (`CURL_TIMEOUT_MAX`, seconds).
+const CURL_TIMEOUT_MAX: i64 = 10_000;
+
+/// The options of an `http` / `https` node, as QEMU's curl driver takes
+/// them (`BlockdevOptionsCurlHttp(s)`), checked with its messages.
+///
+/// - `url` (required) must start with the driver's scheme.
+/// - `sslverify` (`https` only, default true): false accepts any server
+///   certificate. Trusted roots are the system's; a private CA is added by
+///   starting the daemon with `SSL_CERT_FILE` pointing at its PEM file.
+/// - `timeout` (seconds, 0 to 10000): the limit for one request (and for
+///   connecting). 0 keeps diskstream's default (30 s). Unlike QEMU's curl
+///   driver, a request past it is retried with backoff within the retry
+///   window (60 s), after which a stream job pauses (DESIGN.md's outage
+///   policy).
+/// - `readahead` is checked (a multiple of 512, as QEMU requires) and then
+///   ignored: every read is one range request of the size the format engine
+///   asks for, and what copy-on-read fetched stays in the overlay.
+/// - The node is read-only: `read-only` or `auto-read-only` must be true.
+/// - Credentials and cookies (`username`, `password-secret`, `cookie`, ...)
+///   are not supported and refused by name.
+struct HttpNodeSpec {
+    driver: &'static str,
+    url: String,
+    writable_asked: bool,
+    readahead: Option<i64>,
+    timeout: Option<i64>,
+    sslverify: bool,
+}
+
+impl HttpNodeSpec {
+    /// Takes the curl options out of `a` (the caller finishes `a`).
+    /// `read_only` is the node's `read-only`, already taken.
+    fn take(driver: &'static str, a: &mut Args, read_only: bool) -> Result<Self, QmpError> {
+        let url = a.str("url")?;
+        let auto_read_only = a.opt_bool("auto-read-only")?.unwrap_or(false);
+        let readahead = a.opt_i64("readahead")?;
+        let timeout = a.opt_i64("timeout")?;
+        // `http` has no sslverify in QEMU's schema: finish() rejects it.
+        let sslverify = match driver {
+            "https" => a.opt_bool("sslverify")?.unwrap_or(true),
+            _ => true,
+        };
+        for key in [
+            "username",
+            "password-secret",
+            "proxy-username",
+            "proxy-password-secret",
+            "cookie",
+            "cookie-secret",
+        ] {
+            if a.opt_value(key).is_some() {
+                return Err(QmpError::generic(format!(
+                    "Parameter '{}' is not supported by diskstream's {driver} driver",
+                    a.full(key)
+                )));
+            }
+        }
+        Ok(HttpNodeSpec {
+            driver,
+            url,
+            writable_asked: !read_only && !auto_read_only,
+            readahead,
+            timeout,
+            sslverify,
+        })
+    }
+
+    /// Checks the values as QEMU's `curl_open` does, then opens the file:
+    /// an unreachable server or an untrusted certificate fails the command
+    /// at once (no retry window: the daemon's queue waits on it).
+    async fn open(self) -> Result<Arc<http::HttpSource>, QmpError> {
+        if self.writable_asked {
+            return Err(QmpError::generic("curl driver does not support writes"));
+        }
+        if let Some(r) = self.readahead
+            && (r < 0 || r % 512 != 0)
+        {
+            return Err(QmpError::generic(format!(
+                "HTTP_READAHEAD_SIZE {r} is not a multiple of 512"
+            )));
+        }
+        if let Some(t) = self.timeout
+            && !(0..=CURL_TIMEOUT_MAX).contains(&t)
+        {
+            return Err(QmpError::generic(
+                "timeout parameter is too large or negative",
+            ));
+        }
+        let d = self.driver;
+        if !self
+            .url
+            .strip_prefix(d)
+            .is_some_and(|rest| rest.starts_with("://"))
+        {
+            return Err(QmpError::generic(format!(
+                "{d} curl driver cannot handle the URL '{}' (does not start with '{d}://')",
+                self.url
+            )));
+        }
+        let mut opts = http::HttpOptions {
+            accept_invalid_certs: !self.sslverify,
+            open_retry_window: Some(std::time::Duration::ZERO),
+            ..http::HttpOptions::default()
+        };
+        if let Some(t) = self.timeout.filter(|&t| t > 0) {
+            let t = std::time::Duration::from_secs(t as u64);
+            opts.request_timeout = t;
+            opts.connect_timeout = opts.connect_timeout.min(t);
+        }
+        let source = http::HttpSource::open(&self.url, opts, None)
+            .await
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+        Ok(Arc::new(source))
+    }
 }

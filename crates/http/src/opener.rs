@@ -39,7 +39,24 @@ impl HttpOpener {
         if kind == FormatKind::Raw {
             return Ok(Arc::new(HttpDevice::new(src)));
         }
-        let storage: Arc<dyn Storage> = Arc::new(HttpStorage::new(src));
+        Ok(self.open_image(src, kind, opts).await?)
+    }
+
+    /// Runs the `kind` engine over an open `source`, as an [`Image`] with
+    /// its backing (from `opts.backing`; a name in the header goes through
+    /// `opts.opener`, a relative one resolved against the URL). Unlike
+    /// [`HttpOpener::open_url`], a raw file also becomes an `Image` (the raw
+    /// engine over [`HttpStorage`]): what a daemon format node over an
+    /// `http` protocol node needs. Must be called inside a tokio runtime.
+    pub async fn open_image(
+        &self,
+        source: Arc<HttpSource>,
+        kind: FormatKind,
+        opts: &OpenOptions,
+    ) -> Result<Arc<Image>> {
+        let url = source.name().to_string();
+        let url = url.as_str();
+        let storage: Arc<dyn Storage> = Arc::new(HttpStorage::new(source));
         let fopts = OpenOptions {
             writable: false,
             ..opts.clone()

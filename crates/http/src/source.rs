@@ -43,6 +43,13 @@ pub struct HttpOptions {
     pub max_idle_connections: usize,
     /// Extra trusted roots (PEM), on top of the system's: a private CA.
     pub root_certificates_pem: Vec<Vec<u8>>,
+    /// Accept any server certificate (QEMU's curl `sslverify: false`): for
+    /// a test server, never for a repository whose content matters.
+    pub accept_invalid_certs: bool,
+    /// How long [`HttpSource::open`] retries transient failures; `None`
+    /// takes `retry_window`. A daemon opening a node answers at once, as
+    /// QEMU's curl driver does, instead of holding its command queue.
+    pub open_retry_window: Option<Duration>,
 }
 
 impl Default for HttpOptions {
@@ -55,6 +62,8 @@ impl Default for HttpOptions {
             backoff_max: Duration::from_secs(2),
             max_idle_connections: 16,
             root_certificates_pem: Vec::new(),
+            accept_invalid_certs: false,
+            open_retry_window: None,
         }
     }
 }
@@ -171,7 +180,8 @@ impl HttpSource {
             opts,
             stats: HttpStats::default(),
         };
-        let (head, now) = src.head().await?;
+        let open_window = src.opts.open_retry_window.or(src.opts.retry_window);
+        let (head, now) = src.head(open_window).await?;
         let ranges = head
             .get(header::ACCEPT_RANGES)
             .and_then(|v| v.to_str().ok())
@@ -186,7 +196,7 @@ impl HttpSource {
             }
             // Not advertised: some servers serve ranges anyway. Ask for one
             // byte and see.
-            None => src.probe_ranges().await?,
+            None => src.probe_ranges(open_window).await?,
         }
         if let Some(expect) = expect {
             expect
@@ -213,8 +223,11 @@ impl HttpSource {
     }
 
     /// HEAD with retries: the headers and the identity they describe.
-    async fn head(&self) -> Result<(HeaderMap, BackingIdentity), HttpError> {
-        self.retrying("HEAD".into(), || async {
+    async fn head(
+        &self,
+        window: Option<Duration>,
+    ) -> Result<(HeaderMap, BackingIdentity), HttpError> {
+        self.retrying_within(window, "HEAD".into(), || async {
             let resp = match self.client.head(self.url.clone()).send().await {
                 Ok(r) => r,
                 Err(e) => return transport(e, &self.name),
@@ -248,8 +261,8 @@ impl HttpSource {
         .await
     }
 
-    async fn probe_ranges(&self) -> Result<(), HttpError> {
-        self.retrying("GET Range: bytes=0-0".into(), || async {
+    async fn probe_ranges(&self, window: Option<Duration>) -> Result<(), HttpError> {
+        self.retrying_within(window, "GET Range: bytes=0-0".into(), || async {
             let resp = match self
                 .client
                 .get(self.url.clone())
@@ -388,7 +401,11 @@ impl HttpSource {
     async fn changed(&self, now: Option<BackingIdentity>, status: StatusCode) -> HttpError {
         let now = match now {
             Some(n) => Some(n),
-            None => self.head().await.ok().map(|(_, id)| id),
+            None => self
+                .head(self.opts.retry_window)
+                .await
+                .ok()
+                .map(|(_, id)| id),
         };
         let changes = now
             .map(|n| self.identity.changes(&n))
@@ -404,7 +421,22 @@ impl HttpSource {
 
     /// Runs `attempt` until it is done, fails for good, or transient failures
     /// outlast the retry window.
-    async fn retrying<T, F, Fut>(&self, what: String, mut attempt: F) -> Result<T, HttpError>
+    async fn retrying<T, F, Fut>(&self, what: String, attempt: F) -> Result<T, HttpError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Attempt<T>>,
+    {
+        self.retrying_within(self.opts.retry_window, what, attempt)
+            .await
+    }
+
+    /// [`HttpSource::retrying`] with its own window.
+    async fn retrying_within<T, F, Fut>(
+        &self,
+        window: Option<Duration>,
+        what: String,
+        mut attempt: F,
+    ) -> Result<T, HttpError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Attempt<T>>,
@@ -418,7 +450,7 @@ impl HttpSource {
                 Attempt::Transient(last) => {
                     let since = *first_failure.get_or_insert_with(Instant::now);
                     let elapsed = since.elapsed();
-                    let left = match self.opts.retry_window {
+                    let left = match window {
                         None => Duration::MAX,
                         Some(w) => w.saturating_sub(elapsed),
                     };
@@ -450,6 +482,7 @@ fn build_client(url: &str, opts: &HttpOptions) -> Result<reqwest::Client, HttpEr
         .timeout(opts.request_timeout)
         .pool_max_idle_per_host(opts.max_idle_connections)
         .tcp_nodelay(true)
+        .danger_accept_invalid_certs(opts.accept_invalid_certs)
         .user_agent(concat!("diskstream/", env!("CARGO_PKG_VERSION")));
     for pem in &opts.root_certificates_pem {
         b = b.add_root_certificate(reqwest::Certificate::from_pem(pem).map_err(client_err)?);

@@ -28,7 +28,9 @@ pub struct Args {
     #[arg(short = 'f', long = "format", default_value = "raw")]
     format: String,
     /// Backing file of the new image (qcow2 only); relative names are
-    /// relative to the directory of IMAGE, as in QEMU.
+    /// relative to the directory of IMAGE, as in QEMU. nbd:// and http(s)://
+    /// URLs too (HTTPS trusts the system's CA certificates, or the PEM file
+    /// named by SSL_CERT_FILE).
     #[arg(short = 'b', long = "backing")]
     backing: Option<String>,
     /// Format of the backing file (required with -b; never probed).

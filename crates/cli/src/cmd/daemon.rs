@@ -21,6 +21,12 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "HTTPS: blockdev-add nodes with driver \"https\" (and https:// backings) \
+                        trust the system's CA certificates; to trust a private CA, start the \
+                        daemon with SSL_CERT_FILE=CA.pem (it then replaces the system list), \
+                        or give the node \"sslverify\": false."
+)]
 pub struct DaemonArgs {
     /// Unix socket to serve QMP on (created; removed on exit).
     #[arg(long, value_name = "PATH")]

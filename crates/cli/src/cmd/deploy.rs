@@ -59,8 +59,9 @@ pub struct DeployArgs {
     /// line on stdout).
     #[arg(long, default_value = "human", value_parser = ["human", "json"])]
     output: String,
-    /// The repository image: a local image path, nbd://HOST:PORT/EXPORT or
-    /// nbd+unix:///EXPORT?socket=PATH.
+    /// The repository image: a local image path, nbd://HOST:PORT/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH or an http(s):// URL (HTTPS trusts the
+    /// system's CA certificates, or the PEM file named by SSL_CERT_FILE).
     source: String,
     /// The overlay to create (must not exist).
     image: PathBuf,

@@ -39,7 +39,18 @@ impl Args {
         }
     }
 
-    fn full(&self, key: &str) -> String {
+    /// The members of a nested object taken out with [`Args::opt_value`],
+    /// named under `prefix` (`"file."`) in messages, as QAPI names them.
+    pub fn nested(map: Map<String, Value>, prefix: &str) -> Self {
+        Args {
+            map,
+            taken: BTreeSet::new(),
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// `key` as messages name it (`file.url`).
+    pub(crate) fn full(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
 
