@@ -31,6 +31,7 @@ use crate::device::{
 };
 use crate::format::{BackingSpec, CowFill, Format, Mapping};
 use crate::iobuf::IoBuf;
+use crate::lane::Lane;
 use crate::rangelock::RangeLocks;
 use crate::stats::{IoStats, Op};
 use crate::{Error, Result};
@@ -67,6 +68,9 @@ pub struct Image {
     cor_base_depth: AtomicU32,
     stats: IoStats,
     access: crate::access::Access,
+    /// Where page-cache writes run (see [`crate::lane`]); `None` when the
+    /// image is written with O_DIRECT, whose writes each get a thread.
+    write_lane: Option<Arc<Lane>>,
 }
 
 /// [`Format::read`] of `len` bytes at `offset`: on the spot when the format
@@ -190,6 +194,7 @@ impl Image {
     /// Puts `format` on top of `backing`.
     pub fn new(format: Arc<dyn Format>, backing: Option<Arc<dyn BlockDevice>>) -> Self {
         let name = format.storage().path().display().to_string();
+        let direct = format.storage().direct();
         Image {
             format,
             backing: RwLock::new(backing),
@@ -201,6 +206,7 @@ impl Image {
             cor_base_depth: AtomicU32::new(NO_BASE),
             stats: IoStats::default(),
             access: crate::access::Access::default(),
+            write_lane: (!direct).then(|| Lane::new(crate::lane::PAGE_CACHE_WIDTH)),
         }
     }
 
@@ -250,6 +256,9 @@ impl Image {
     pub async fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
+        }
+        if let Some(lane) = &self.write_lane {
+            lane.idle().await;
         }
         blocking(&self.format, |f| f.close()).await
     }
@@ -372,7 +381,7 @@ impl Image {
     /// caller holds the unit-aligned range.
     async fn write_locked(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         let fills = self.cow_fills(offset, offset + data.len() as u64).await?;
-        blocking(&self.format, move |f| {
+        self.writing(move |f| {
             let fills: Vec<CowFill<'_>> = fills
                 .iter()
                 .map(|(o, d)| CowFill {
@@ -384,6 +393,22 @@ impl Image {
             if fua { f.flush() } else { Ok(()) }
         })
         .await
+    }
+
+    /// Runs a write-like format call off the async threads: in the write
+    /// lane when the image has one, else on the blocking pool.
+    async fn writing<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Format) -> Result<T> + Send + 'static,
+    {
+        match &self.write_lane {
+            Some(lane) => {
+                let format = Arc::clone(&self.format);
+                lane.run(move || f(&*format)).await
+            }
+            None => blocking(&self.format, f).await,
+        }
     }
 
     /// Splits `[offset, offset + len)` into a partial head, whole units, and
@@ -768,10 +793,8 @@ impl BlockDevice for Image {
         }
         if mid.1 > 0 {
             let has_backing = self.backing().is_some();
-            blocking(&self.format, move |f| {
-                f.write_zeroes(mid.0, mid.1, may_unmap, has_backing)
-            })
-            .await?;
+            self.writing(move |f| f.write_zeroes(mid.0, mid.1, may_unmap, has_backing))
+                .await?;
         }
         Ok(())
     }
@@ -787,7 +810,8 @@ impl BlockDevice for Image {
         }
         let _guard = self.locks.lock(mid.0, mid.0 + mid.1).await;
         let has_backing = self.backing().is_some();
-        blocking(&self.format, move |f| f.discard(mid.0, mid.1, has_backing)).await
+        self.writing(move |f| f.discard(mid.0, mid.1, has_backing))
+            .await
     }
 
     async fn flush(&self) -> Result<()> {

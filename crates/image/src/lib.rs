@@ -14,6 +14,7 @@ pub mod format;
 pub mod identity;
 pub mod image;
 pub mod iobuf;
+pub mod lane;
 pub mod lock;
 pub mod open;
 pub mod qcow2;

@@ -59,6 +59,11 @@ pub trait Storage: Send + Sync + Debug {
     fn file(&self) -> Option<&File> {
         None
     }
+    /// Whether writes bypass the page cache (O_DIRECT): such writes run in
+    /// parallel in the device, page-cache writes to one file do not.
+    fn direct(&self) -> bool {
+        false
+    }
 }
 
 /// Writes `len` zero bytes at `offset` in chunks.
@@ -314,6 +319,10 @@ impl Storage for FileStorage {
 
     fn file(&self) -> Option<&File> {
         Some(&self.file)
+    }
+
+    fn direct(&self) -> bool {
+        self.direct
     }
 }
 
