@@ -381,7 +381,8 @@ impl Image {
     /// caller holds the unit-aligned range.
     async fn write_locked(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         let fills = self.cow_fills(offset, offset + data.len() as u64).await?;
-        self.writing(move |f| {
+        let small = data.len() <= crate::lane::MAX_WRITE;
+        self.writing(small, move |f| {
             let fills: Vec<CowFill<'_>> = fills
                 .iter()
                 .map(|(o, d)| CowFill {
@@ -396,18 +397,19 @@ impl Image {
     }
 
     /// Runs a write-like format call off the async threads: in the write
-    /// lane when the image has one, else on the blocking pool.
-    async fn writing<T, F>(&self, f: F) -> Result<T>
+    /// lane when the image has one and the call is `small` (at most
+    /// [`crate::lane::MAX_WRITE`] of data), else on the blocking pool.
+    async fn writing<T, F>(&self, small: bool, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Format) -> Result<T> + Send + 'static,
     {
         match &self.write_lane {
-            Some(lane) => {
+            Some(lane) if small => {
                 let format = Arc::clone(&self.format);
                 lane.run(move || f(&*format)).await
             }
-            None => blocking(&self.format, f).await,
+            _ => blocking(&self.format, f).await,
         }
     }
 
@@ -793,8 +795,10 @@ impl BlockDevice for Image {
         }
         if mid.1 > 0 {
             let has_backing = self.backing().is_some();
-            self.writing(move |f| f.write_zeroes(mid.0, mid.1, may_unmap, has_backing))
-                .await?;
+            self.writing(true, move |f| {
+                f.write_zeroes(mid.0, mid.1, may_unmap, has_backing)
+            })
+            .await?;
         }
         Ok(())
     }
@@ -810,7 +814,7 @@ impl BlockDevice for Image {
         }
         let _guard = self.locks.lock(mid.0, mid.0 + mid.1).await;
         let has_backing = self.backing().is_some();
-        self.writing(move |f| f.discard(mid.0, mid.1, has_backing))
+        self.writing(true, move |f| f.discard(mid.0, mid.1, has_backing))
             .await
     }
 
