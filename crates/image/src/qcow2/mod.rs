@@ -8,7 +8,10 @@
 //! the image crash consistent (DESIGN.md invariant 2), by
 //! `Meta::flush_meta`: dirty refcount blocks, sync, refcount table, sync
 //! (which also makes the data of new clusters durable), dirty L2 tables,
-//! sync, L1 table, sync. Clusters freed by a request are only queued, and
+//! sync, L1 table, sync. A flush asked for by the user (`Format::flush`)
+//! does that last sync without the mutex when no free waits for it: a
+//! guest's flush of data writes then stalls no other request. Clusters
+//! freed by a request are only queued, and
 //! their refcounts drop after the L2 change that released them is durable,
 //! so a cluster is never reused while an on-disk L2 entry still points at it.
 //!
@@ -433,13 +436,27 @@ impl Meta {
     /// refcount table are written only when `all_refcounts` is set (close,
     /// check) or the cache is full of them (see `refcount.rs`).
     fn flush_meta_with(&mut self, all_refcounts: bool) -> Result<()> {
+        match self.write_meta(all_refcounts)? {
+            MetaWrite::Done => Ok(()),
+            MetaWrite::SyncDue => {
+                self.sync()?;
+                self.apply_pending_frees()
+            }
+        }
+    }
+
+    /// The first part of [`Meta::flush_meta_with`]: every dirty table
+    /// written in crash-safe order, with the syncs between them, but not
+    /// the last sync (nor the frees that wait for it).
+    fn write_meta(&mut self, all_refcounts: bool) -> Result<MetaWrite> {
         if !self.writable {
-            return Ok(());
+            return Ok(MetaWrite::Done);
         }
         let defer = self.defer_refcounts(all_refcounts)?;
         let mut wrote = !defer && self.write_dirty_refblocks()?;
         if self.rc_critical > 0 {
-            return self.sync();
+            self.sync()?;
+            return Ok(MetaWrite::Done);
         }
         if !defer && !self.reftable_dirty.is_empty() {
             if wrote {
@@ -478,10 +495,14 @@ impl Meta {
                 self.write(&buf, off, "write L1 table")?;
             }
         }
-        self.sync()?;
-        // The L2 changes that dropped these references are durable now.
-        // Reads that looked up the old entries finish first (a nested flush
-        // finds the queue empty and does not take the gate again).
+        Ok(MetaWrite::SyncDue)
+    }
+
+    /// Applies the queued frees; the caller has just synced, so the L2
+    /// changes that dropped these references are durable. Reads that looked
+    /// up the old entries finish first (a nested flush finds the queue
+    /// empty and does not take the gate again).
+    fn apply_pending_frees(&mut self) -> Result<()> {
         if self.pending_frees.is_empty() {
             return Ok(());
         }
@@ -502,6 +523,15 @@ impl Meta {
         }
         Ok(())
     }
+}
+
+/// What [`Meta::write_meta`] left to do.
+#[derive(Debug, PartialEq, Eq)]
+enum MetaWrite {
+    /// Nothing: read-only, or already synced.
+    Done,
+    /// The last sync, then the queued frees.
+    SyncDue,
 }
 
 fn unsupported(path: &Path, feature: String) -> Error {
@@ -1745,7 +1775,20 @@ impl Format for Qcow2 {
         }
         let mut m = self.lock();
         m.ensure_consistent()?;
-        m.flush_meta()
+        if m.write_meta(false)? == MetaWrite::Done {
+            return Ok(());
+        }
+        if !m.pending_frees.is_empty() {
+            m.sync()?;
+            return m.apply_pending_frees();
+        }
+        // Every table this flush covers is written; the sync needs no lock,
+        // and holding it would stall every lookup (and so every read and
+        // write of the image) for as long as the device takes. A write that
+        // lands meanwhile may or may not be covered, as for any flush.
+        let st = Arc::clone(&m.st);
+        drop(m);
+        st.flush().map_err(|e| Error::io(&self.path, "flush", e))
     }
 
     fn set_backing(&self, backing: Option<&BackingSpec>) -> Result<()> {
