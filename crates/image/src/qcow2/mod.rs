@@ -37,7 +37,7 @@ mod zstd;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use crate::format::{BackingSpec, CheckReport, CowFill, Format, MappedRange, Mapping, Repair};
@@ -180,6 +180,8 @@ pub struct Qcow2 {
     alloc_done: Condvar,
     gate: Arc<RwLock<()>>,
     closed: AtomicBool,
+    /// The largest file length a read has seen (see [`Qcow2::beyond_eof`]).
+    read_len_seen: AtomicU64,
 }
 
 /// What a write does with one guest cluster.
@@ -754,6 +756,7 @@ impl Qcow2 {
             alloc_done: Condvar::new(),
             gate,
             closed: AtomicBool::new(false),
+            read_len_seen: AtomicU64::new(0),
         };
         if writable && opts.drop_bitmaps && bitmaps::valid(&h) {
             q.lock().drop_bitmaps()?;
@@ -791,6 +794,20 @@ impl Qcow2 {
 
     fn ensure_writable(&self) -> Result<()> {
         crate::format::ensure_writable(&self.path, self.writable, &self.closed)
+    }
+
+    /// The file's length if `off` is at or past it: data found there
+    /// through metadata is damage. The file only grows while it is open
+    /// (see `Meta::check_within_file`), so an offset below a length seen
+    /// before needs no `fstat`: a read of cached data pays no syscall but
+    /// its own.
+    fn beyond_eof(&self, off: u64) -> Result<Option<u64>> {
+        if off < self.read_len_seen.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let len = self.storage.len().map_err(|e| self.io("stat", e))?;
+        self.read_len_seen.fetch_max(len, Ordering::Relaxed);
+        Ok((off >= len).then_some(len))
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -1591,17 +1608,15 @@ impl Format for Qcow2 {
                 _ => None,
             })
             .max()
+            && let Some(file_len) = self.beyond_eof(start)?
         {
-            let file_len = self.storage.len().map_err(|e| self.io("stat", e))?;
-            if start >= file_len {
-                return Err(Error::Corrupt {
-                    path: self.storage.path().to_owned(),
-                    message: format!(
-                        "data at host offset {start:#x} is beyond the end of the file \
-                         ({file_len} bytes)"
-                    ),
-                });
-            }
+            return Err(Error::Corrupt {
+                path: self.storage.path().to_owned(),
+                message: format!(
+                    "data at host offset {start:#x} is beyond the end of the file \
+                     ({file_len} bytes)"
+                ),
+            });
         }
         let mut holes: Vec<(u64, u64)> = Vec::new();
         let mut cluster_buf = Vec::new();
@@ -1660,7 +1675,7 @@ impl Format for Qcow2 {
             }
         }
         if let Some(start) = last_data
-            && start >= self.storage.len().ok()?
+            && self.beyond_eof(start).ok()?.is_some()
         {
             return None; // damaged metadata: `read` reports it
         }
