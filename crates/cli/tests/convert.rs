@@ -95,6 +95,20 @@ fn qcow2_chain_to_qcow2_and_raw_is_identical_and_sparse() {
     );
     converted_ok(&d, "top.qcow2", "out.raw", "raw");
     assert_eq!(data_bytes(&d, "out.raw"), src_nonzero);
+    // Through the page cache, writes go in order (any -m), or out of order
+    // with -W.
+    for (i, extra) in [&["-m", "1"][..], &["-m", "2"], &["-W", "-m", "5"]]
+        .into_iter()
+        .enumerate()
+    {
+        let out = format!("order{i}.qcow2");
+        let mut args = vec!["convert", "-O", "qcow2"];
+        args.extend_from_slice(extra);
+        args.extend(["top.qcow2", out.as_str()]);
+        ds_ok(&d, &args);
+        converted_ok(&d, "top.qcow2", &out, "qcow2");
+        assert_eq!(data_bytes(&d, &out), src_nonzero, "{extra:?}");
+    }
     // Cluster size option.
     ds_ok(
         &d,

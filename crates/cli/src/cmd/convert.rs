@@ -7,8 +7,16 @@
 //! 4 KiB blocks that are all zeros are skipped too, as qemu-img's default
 //! `-S 4k` does. Data ranges are cut into large chunks, and up to `-m` chunks
 //! are in flight at once as tokio tasks over the async `BlockDevice`
-//! (qemu-img keeps 8 coroutines, so that is the default); writes land out of
-//! order, like qemu-img -W. The destination is flushed and closed at the end.
+//! (qemu-img keeps 8 coroutines, so that is the default).
+//!
+//! The decision to know: reads always run in parallel, but writes through
+//! the page cache go one at a time in offset order, as qemu-img's do
+//! without `-W`. Parallel buffered writes to one file only queue on its
+//! inode lock in the kernel, spinning: to raw, 1.2 s and 1.1 s of system
+//! time in parallel against 0.95 s and 0.7 s in order (qemu-img: 0.94 s,
+//! 0.6 s). With `-t none` (O_DIRECT) the writes run in parallel in the
+//! device and land out of order, as with `-W`, which also asks for that
+//! with the page cache. Closing the destination makes it durable.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,15 +29,22 @@ use image::open::{BackingChoice, OpenOptions};
 use image::{
     BlockDevice, CacheMode, CreateOptions, ExtentKind, Format, FormatKind, Image, WriteFlags,
 };
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::create::{parse_options, same_file};
 use super::progress::Progress;
 use super::{file_error, open_chain, walk_chain};
 
-/// Bytes per chunk in flight (qemu-img uses 2 MiB buffers); one pooled
-/// [`IoBuf`].
-const CHUNK: u64 = image::iobuf::POOL_BUF_SIZE as u64;
+/// Bytes per chunk in flight with O_DIRECT (large requests for the
+/// device); one pooled [`IoBuf`].
+const CHUNK_DIRECT: u64 = image::iobuf::POOL_BUF_SIZE as u64;
+/// Bytes per chunk through the page cache, where both the read and the
+/// write are CPU copies: a chunk that fits a core's L2 cache is still
+/// there when it is written. To raw through the page cache, medians of 4:
+/// 1 MiB 0.94 s, 512 KiB 1.02 s, 256 KiB 1.16 s, 2 MiB 1.24 s, 4 MiB 1.19 s
+/// (qemu-img, 2 MiB buffers: ~1.0 s).
+const CHUNK_CACHED: u64 = 1 << 20;
 /// Zero detection granularity: qemu-img's default `-S 4k`.
 const SPARSE: usize = 4096;
 
@@ -58,7 +73,8 @@ pub struct Args {
     /// Chunks in flight at once (1..=64).
     #[arg(short = 'm', long = "parallel", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     parallel: u16,
-    /// Accepted for qemu-img compatibility: writes are always out of order.
+    /// Write out of order, in parallel (the default with `-t none`; through
+    /// the page cache, writes go one at a time in offset order).
     #[arg(short = 'W')]
     out_of_order: bool,
     /// Open SRC even if another process writes it.
@@ -118,11 +134,13 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         .await
         .map_err(|e| file_error(dst_path, e))?;
 
+    let direct = dst.format().storage().direct();
+    let chunk = if direct { CHUNK_DIRECT } else { CHUNK_CACHED };
     let mut chunks = Vec::new();
     for e in extents.iter().filter(|e| e.kind == ExtentKind::Data) {
         let mut off = e.offset;
         while off < e.end() {
-            let len = CHUNK.min(e.end() - off);
+            let len = chunk.min(e.end() - off);
             chunks.push((off, len, e.depth));
             off += len;
         }
@@ -136,12 +154,16 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
             .collect(),
     );
 
+    let in_order = !(a.out_of_order || direct);
+    let turn = in_order.then(|| Arc::new(watch::Sender::new(0u64)));
     let mut tasks = JoinSet::new();
-    let mut queue = chunks.into_iter();
+    let mut queue = chunks.into_iter().zip(0u64..);
     let limit = a.parallel as usize;
     loop {
         while tasks.len() < limit {
-            let Some((off, len, depth)) = queue.next() else {
+            // Chunks start in order, so the one whose turn it is always
+            // runs: waiting for the turn cannot deadlock.
+            let Some(((off, len, depth), seq)) = queue.next() else {
                 break;
             };
             let job = Chunk {
@@ -150,6 +172,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
                 layer: depth.and_then(|d| layer_formats.get(d as usize).cloned()),
                 off,
                 len: len as usize,
+                turn: turn.clone().map(|t| (t, seq)),
             };
             let p = Arc::clone(&progress);
             tasks.spawn(async move {
@@ -163,7 +186,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
             Some(r) => r?.map_err(|e| file_error(dst_path, e))?,
         }
     }
-    dst.flush().await.map_err(|e| file_error(dst_path, e))?;
+    // Close flushes (one fdatasync, not two).
     dst.close().await.map_err(|e| file_error(dst_path, e))?;
     progress.finish();
     Ok(ExitCode::SUCCESS)
@@ -178,6 +201,19 @@ struct Chunk {
     layer: Option<Arc<dyn Format>>,
     off: u64,
     len: usize,
+    /// With in-order writes: the number of the chunk whose turn it is to
+    /// write, and this chunk's number.
+    turn: Option<(Arc<watch::Sender<u64>>, u64)>,
+}
+
+/// Passes the turn to write on to the next chunk when dropped (after the
+/// writes, or when the chunk fails and the copy stops anyway).
+struct PassTurn<'a>(&'a watch::Sender<u64>, u64);
+
+impl Drop for PassTurn<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(self.1 + 1);
+    }
 }
 
 impl Chunk {
@@ -207,6 +243,15 @@ impl Chunk {
         }
         let runs = image::iobuf::nonzero_runs(&buf, SPARSE);
         let data = Bytes::from_owner(buf);
+        let _pass = match &self.turn {
+            Some((turn, seq)) => {
+                let mut rx = turn.subscribe();
+                // The sender lives in `self`: the wait cannot fail.
+                let _ = rx.wait_for(|now| now == seq).await;
+                Some(PassTurn(turn, *seq))
+            }
+            None => None,
+        };
         for (start, end) in runs {
             self.dst
                 .write(
