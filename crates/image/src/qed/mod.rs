@@ -9,7 +9,8 @@
 //! `Meta` behind one mutex; tables are written back lazily by
 //! `Meta::flush_meta` in crash-safe order (DESIGN.md invariant 2): sync (the
 //! data), dirty L2 tables, sync, L1 table, sync. So an entry never reaches
-//! the disk before the data or the table it points at.
+//! the disk before the data or the table it points at. A user's flush does
+//! the last sync without the mutex unless the need-check flag waits for it.
 //!
 //! The need-check flag (`QED_F_NEED_CHECK`) is what the spec uses instead of
 //! that ordering: it is set, and made durable, before the first write that
@@ -301,6 +302,13 @@ impl Meta {
         if !self.writable {
             return Ok(());
         }
+        self.write_tables()?;
+        self.sync()
+    }
+
+    /// [`Meta::flush_meta`] but the last sync: the dirty tables written in
+    /// crash-safe order, with the syncs between them.
+    fn write_tables(&mut self) -> Result<()> {
         let dirty_l2 = self.l2.dirty();
         if !dirty_l2.is_empty() {
             // The data (and new tables' space) before the entries that
@@ -326,7 +334,7 @@ impl Meta {
                 .write_at(&buf, off)
                 .map_err(|e| self.io("write L1 table", e))?;
         }
-        self.sync()
+        Ok(())
     }
 }
 
@@ -933,8 +941,17 @@ impl Format for Qed {
             return Ok(());
         }
         let mut m = self.lock();
-        m.flush_meta()?;
-        m.clear_need_check(false)
+        if m.h.features & F_NEED_CHECK != 0 {
+            // Clearing the flag must follow the sync: all under the lock.
+            m.flush_meta()?;
+            return m.clear_need_check(false);
+        }
+        m.write_tables()?;
+        // The last sync orders nothing after it: without the lock, reads
+        // and writes go on while the device takes its time.
+        let st = Arc::clone(&m.st);
+        drop(m);
+        st.flush().map_err(|e| Error::io(&self.path, "flush", e))
     }
 
     fn set_backing(&self, backing: Option<&BackingSpec>) -> Result<()> {

@@ -1,7 +1,7 @@
 //! A guest's flush must not stall the image: while the device takes its
-//! time over the sync of a qcow2 flush, reads and writes of allocated
-//! clusters go on (the sync runs without the metadata lock), and the flush
-//! still makes every write completed before it durable.
+//! time over the sync of a qcow2 or QED flush, reads and writes of
+//! allocated clusters go on (the sync runs without the metadata lock), and
+//! the flush still writes the tables before it returns.
 
 use std::io;
 use std::path::Path;
@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use image::format::Format;
 use image::qcow2::{self, Qcow2, Qcow2Options};
+use image::qed::{self, Qed, QedOptions};
 use image::storage::{MemStorage, Storage};
 
 /// Memory storage whose flush, once `hold` is set, waits until released,
@@ -73,38 +74,84 @@ impl Storage for SlowSync {
 
 const CLUSTER: u64 = 64 * 1024;
 
-fn open() -> (Arc<SlowSync>, Arc<Qcow2>) {
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Qcow2,
+    Qed,
+}
+
+/// A new image of `kind` on slow-sync storage, with clusters 0 and 1
+/// allocated and the image closed and opened again (so QED's need-check
+/// flag, which a flush may only clear after a quiet time, is clear).
+fn open_allocated(kind: Kind) -> (Arc<SlowSync>, Arc<dyn Format>) {
     let st = Arc::new(SlowSync {
-        mem: MemStorage::new("slow-sync.qcow2"),
+        mem: MemStorage::new("slow-sync.img"),
         ..Default::default()
     });
-    qcow2::create(
-        &*st,
-        &qcow2::CreateOptions {
-            size: 16 * CLUSTER,
-            cluster_size: Some(CLUSTER),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let q = Qcow2::open(
-        Arc::clone(&st) as Arc<dyn Storage>,
-        &Qcow2Options {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    (st, Arc::new(q))
+    let open = |st: &Arc<SlowSync>| -> Arc<dyn Format> {
+        let storage = Arc::clone(st) as Arc<dyn Storage>;
+        match kind {
+            Kind::Qcow2 => Arc::new(
+                Qcow2::open(
+                    storage,
+                    &Qcow2Options {
+                        writable: true,
+                        ..Default::default()
+                    },
+                )
+                .unwrap(),
+            ),
+            Kind::Qed => Arc::new(
+                Qed::open(
+                    storage,
+                    &QedOptions {
+                        writable: true,
+                        ..Default::default()
+                    },
+                )
+                .unwrap(),
+            ),
+        }
+    };
+    match kind {
+        Kind::Qcow2 => qcow2::create(
+            &*st,
+            &qcow2::CreateOptions {
+                size: 16 * CLUSTER,
+                cluster_size: Some(CLUSTER),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+        Kind::Qed => qed::create(
+            &*st,
+            &qed::CreateOptions {
+                size: 16 * CLUSTER,
+                cluster_size: Some(CLUSTER),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    }
+    let f = open(&st);
+    f.write(0, &vec![1u8; 2 * CLUSTER as usize], &[]).unwrap();
+    f.close().unwrap();
+    drop(f);
+    (Arc::clone(&st), open(&st))
 }
 
 #[test]
-fn reads_and_writes_of_allocated_clusters_go_on_during_a_flush() {
-    let (st, q) = open();
-    // Allocate clusters 0 and 1, and make their metadata durable.
-    q.write(0, &vec![1u8; 2 * CLUSTER as usize], &[]).unwrap();
-    q.flush().unwrap();
+fn qcow2_reads_and_writes_of_allocated_clusters_go_on_during_a_flush() {
+    reads_and_writes_go_on_during_a_flush(Kind::Qcow2);
+}
 
+#[test]
+fn qed_reads_and_writes_of_allocated_clusters_go_on_during_a_flush() {
+    reads_and_writes_go_on_during_a_flush(Kind::Qed);
+}
+
+fn reads_and_writes_go_on_during_a_flush(kind: Kind) {
+    let (st, q) = open_allocated(kind);
     // Overwrite in place (no metadata changes), then flush: the device
     // holds the sync.
     q.write(0, &vec![2u8; CLUSTER as usize], &[]).unwrap();
@@ -144,23 +191,37 @@ fn reads_and_writes_of_allocated_clusters_go_on_during_a_flush() {
 }
 
 #[test]
-fn a_flush_after_an_allocation_writes_the_tables_before_it_returns() {
-    let (st, q) = open();
+fn qcow2_a_flush_after_an_allocation_writes_the_tables_before_it_returns() {
+    a_flush_writes_the_tables(Kind::Qcow2);
+}
+
+#[test]
+fn qed_a_flush_after_an_allocation_writes_the_tables_before_it_returns() {
+    a_flush_writes_the_tables(Kind::Qed);
+}
+
+fn a_flush_writes_the_tables(kind: Kind) {
+    let (st, q) = open_allocated(kind);
     q.write(3 * CLUSTER, &vec![7u8; 4096], &[]).unwrap();
+    let before = *st.synced.lock().unwrap();
     q.flush().unwrap();
-    let synced = *st.synced.lock().unwrap();
+    let synced = *st.synced.lock().unwrap() - before;
     assert!(
         synced >= 2,
         "data, then the tables, then a sync: {synced} syncs"
     );
-    // What the flush made durable is what the storage holds now: a fresh
-    // open of the same bytes sees the write.
-    let copy = Arc::new(MemStorage::new("copy.qcow2"));
+    // Tables are written back lazily: only the flush put the new entry in
+    // the storage, so a fresh open of a copy of its bytes sees the write.
+    let copy = Arc::new(MemStorage::new("copy.img"));
     let mut bytes = vec![0u8; st.mem.len().unwrap() as usize];
     st.mem.read_at(&mut bytes, 0).unwrap();
     copy.write_at(&bytes, 0).unwrap();
-    let q2 = Qcow2::open(copy as Arc<dyn Storage>, &Qcow2Options::default()).unwrap();
+    let copy = copy as Arc<dyn Storage>;
+    let f: Box<dyn Format> = match kind {
+        Kind::Qcow2 => Box::new(Qcow2::open(copy, &Qcow2Options::default()).unwrap()),
+        Kind::Qed => Box::new(Qed::open(copy, &QedOptions::default()).unwrap()),
+    };
     let mut buf = vec![0u8; 4096];
-    assert!(q2.read(3 * CLUSTER, &mut buf).unwrap().is_empty());
+    assert!(f.read(3 * CLUSTER, &mut buf).unwrap().is_empty());
     assert!(buf.iter().all(|&b| b == 7));
 }
