@@ -88,31 +88,6 @@ fn open_allocated(kind: Kind) -> (Arc<SlowSync>, Arc<dyn Format>) {
         mem: MemStorage::new("slow-sync.img"),
         ..Default::default()
     });
-    let open = |st: &Arc<SlowSync>| -> Arc<dyn Format> {
-        let storage = Arc::clone(st) as Arc<dyn Storage>;
-        match kind {
-            Kind::Qcow2 => Arc::new(
-                Qcow2::open(
-                    storage,
-                    &Qcow2Options {
-                        writable: true,
-                        ..Default::default()
-                    },
-                )
-                .unwrap(),
-            ),
-            Kind::Qed => Arc::new(
-                Qed::open(
-                    storage,
-                    &QedOptions {
-                        writable: true,
-                        ..Default::default()
-                    },
-                )
-                .unwrap(),
-            ),
-        }
-    };
     match kind {
         Kind::Qcow2 => qcow2::create(
             &*st,
@@ -133,21 +108,61 @@ fn open_allocated(kind: Kind) -> (Arc<SlowSync>, Arc<dyn Format>) {
         )
         .unwrap(),
     }
-    let f = open(&st);
+    let storage = || Arc::clone(&st) as Arc<dyn Storage>;
+    let f = open_format(kind, storage(), true);
     f.write(0, &vec![1u8; 2 * CLUSTER as usize], &[]).unwrap();
     f.close().unwrap();
     drop(f);
-    (Arc::clone(&st), open(&st))
+    let f = open_format(kind, storage(), true);
+    (st, f)
 }
 
-#[test]
-fn qcow2_reads_and_writes_of_allocated_clusters_go_on_during_a_flush() {
-    reads_and_writes_go_on_during_a_flush(Kind::Qcow2);
+fn open_format(kind: Kind, storage: Arc<dyn Storage>, writable: bool) -> Arc<dyn Format> {
+    match kind {
+        Kind::Qcow2 => Arc::new(
+            Qcow2::open(
+                storage,
+                &Qcow2Options {
+                    writable,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        ),
+        Kind::Qed => Arc::new(
+            Qed::open(
+                storage,
+                &QedOptions {
+                    writable,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        ),
+    }
 }
 
-#[test]
-fn qed_reads_and_writes_of_allocated_clusters_go_on_during_a_flush() {
-    reads_and_writes_go_on_during_a_flush(Kind::Qed);
+/// One test per format for each scenario below.
+macro_rules! per_format {
+    ($($scenario:ident: $qcow2:ident, $qed:ident;)*) => {$(
+        #[test]
+        fn $qcow2() {
+            $scenario(Kind::Qcow2);
+        }
+        #[test]
+        fn $qed() {
+            $scenario(Kind::Qed);
+        }
+    )*};
+}
+
+per_format! {
+    reads_and_writes_go_on_during_a_flush:
+        qcow2_reads_and_writes_of_allocated_clusters_go_on_during_a_flush,
+        qed_reads_and_writes_of_allocated_clusters_go_on_during_a_flush;
+    a_flush_writes_the_tables:
+        qcow2_a_flush_after_an_allocation_writes_the_tables_before_it_returns,
+        qed_a_flush_after_an_allocation_writes_the_tables_before_it_returns;
 }
 
 fn reads_and_writes_go_on_during_a_flush(kind: Kind) {
@@ -190,16 +205,6 @@ fn reads_and_writes_go_on_during_a_flush(kind: Kind) {
     assert!(buf[CLUSTER as usize..].iter().all(|&b| b == 3));
 }
 
-#[test]
-fn qcow2_a_flush_after_an_allocation_writes_the_tables_before_it_returns() {
-    a_flush_writes_the_tables(Kind::Qcow2);
-}
-
-#[test]
-fn qed_a_flush_after_an_allocation_writes_the_tables_before_it_returns() {
-    a_flush_writes_the_tables(Kind::Qed);
-}
-
 fn a_flush_writes_the_tables(kind: Kind) {
     let (st, q) = open_allocated(kind);
     q.write(3 * CLUSTER, &vec![7u8; 4096], &[]).unwrap();
@@ -216,11 +221,7 @@ fn a_flush_writes_the_tables(kind: Kind) {
     let mut bytes = vec![0u8; st.mem.len().unwrap() as usize];
     st.mem.read_at(&mut bytes, 0).unwrap();
     copy.write_at(&bytes, 0).unwrap();
-    let copy = copy as Arc<dyn Storage>;
-    let f: Box<dyn Format> = match kind {
-        Kind::Qcow2 => Box::new(Qcow2::open(copy, &Qcow2Options::default()).unwrap()),
-        Kind::Qed => Box::new(Qed::open(copy, &QedOptions::default()).unwrap()),
-    };
+    let f = open_format(kind, copy, false);
     let mut buf = vec![0u8; 4096];
     assert!(f.read(3 * CLUSTER, &mut buf).unwrap().is_empty());
     assert!(buf.iter().all(|&b| b == 7));
