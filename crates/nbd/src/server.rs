@@ -177,10 +177,37 @@ impl Listener {
             }
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept().await?;
+                enlarge_send_buffer(&s);
                 let (r, w) = s.into_split();
                 Ok((Box::new(r), Box::new(w)))
             }
         }
+    }
+}
+
+/// Send buffer asked for on accepted Unix connections. The default (208
+/// KiB) is smaller than one 1 MiB read reply, which then goes out in ~5
+/// partial writes with a poll between each; the kernel caps the request at
+/// `net.core.wmem_max`. 1 MiB read at QD4 over a Unix socket (fio nbd,
+/// qcow2, four interleaved rounds): ~1850 MiB/s with the default, ~2500
+/// with 1 MiB (4 MiB no better). TCP sockets keep the kernel's
+/// auto-tuning, which a fixed size would turn off.
+const UNIX_SEND_BUFFER: libc::c_int = 1 << 20;
+
+/// Best effort: a refusal leaves the default, which works, only slower.
+fn enlarge_send_buffer(s: &tokio::net::UnixStream) {
+    use std::os::fd::AsRawFd;
+    let size = UNIX_SEND_BUFFER;
+    // SAFETY: `s` owns a valid socket for the whole call; the option value
+    // points at a live c_int and its length is that of a c_int.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
@@ -962,3 +989,45 @@ fn block_status_reply(s: &Session, req: &Request, extents: &[Extent]) -> Out {
 
 /// A boxed shutdown future, for callers that choose one at run time.
 pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_buffer(s: &tokio::net::UnixStream) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: valid socket, and `v`/`len` are live for the call.
+        let r = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        v
+    }
+
+    #[tokio::test]
+    async fn accepted_unix_connections_get_the_larger_send_buffer() {
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let before = send_buffer(&a);
+        enlarge_send_buffer(&a);
+        let wmem_max: libc::c_int = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The kernel doubles what it grants (bookkeeping), capped at wmem_max.
+        let want = UNIX_SEND_BUFFER.min(wmem_max);
+        let after = send_buffer(&a);
+        assert!(
+            after >= want,
+            "send buffer {before} -> {after}, want {want}"
+        );
+    }
+}
