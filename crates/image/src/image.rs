@@ -381,8 +381,8 @@ impl Image {
     /// caller holds the unit-aligned range.
     async fn write_locked(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         let fills = self.cow_fills(offset, offset + data.len() as u64).await?;
-        let small = data.len() <= crate::lane::MAX_WRITE;
-        self.writing(small, move |f| {
+        let bytes = data.len() + fills.iter().map(|(_, d)| d.len()).sum::<usize>();
+        self.writing(bytes as u64, move |f| {
             let fills: Vec<CowFill<'_>> = fills
                 .iter()
                 .map(|(o, d)| CowFill {
@@ -396,16 +396,16 @@ impl Image {
         .await
     }
 
-    /// Runs a write-like format call off the async threads: in the write
-    /// lane when the image has one and the call is `small` (at most
-    /// [`crate::lane::MAX_WRITE`] of data), else on the blocking pool.
-    async fn writing<T, F>(&self, small: bool, f: F) -> Result<T>
+    /// Runs a write-like format call that touches `bytes` off the async
+    /// threads: in the write lane when the image has one and `bytes` is at
+    /// most [`crate::lane::MAX_WRITE`], else on the blocking pool.
+    async fn writing<T, F>(&self, bytes: u64, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Format) -> Result<T> + Send + 'static,
     {
         match &self.write_lane {
-            Some(lane) if small => {
+            Some(lane) if bytes <= crate::lane::MAX_WRITE as u64 => {
                 let format = Arc::clone(&self.format);
                 lane.run(move || f(&*format)).await
             }
@@ -795,7 +795,7 @@ impl BlockDevice for Image {
         }
         if mid.1 > 0 {
             let has_backing = self.backing().is_some();
-            self.writing(true, move |f| {
+            self.writing(mid.1, move |f| {
                 f.write_zeroes(mid.0, mid.1, may_unmap, has_backing)
             })
             .await?;
@@ -814,7 +814,7 @@ impl BlockDevice for Image {
         }
         let _guard = self.locks.lock(mid.0, mid.0 + mid.1).await;
         let has_backing = self.backing().is_some();
-        self.writing(true, move |f| f.discard(mid.0, mid.1, has_backing))
+        self.writing(mid.1, move |f| f.discard(mid.0, mid.1, has_backing))
             .await
     }
 

@@ -36,7 +36,9 @@ use crate::error::{Error, Result};
 /// the kernel throttling a writer of dirty pages.
 pub const PAGE_CACHE_WIDTH: usize = 2;
 
-/// The largest write that goes through a lane.
+/// The most bytes a call may touch (data and copy-on-write fills; the
+/// range of a write-zeroes or discard) and still go through a lane: a long
+/// call would hold one of its two threads.
 pub const MAX_WRITE: usize = 64 * 1024;
 
 type Job = Box<dyn FnOnce() + Send>;
