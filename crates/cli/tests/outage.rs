@@ -128,21 +128,44 @@ fn setup(case: &Case) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("backing.sock");
     let backing = format!("nbd+unix:///?socket={}", sock.display());
-    setup_in(case, dir, sock, &backing)
+    setup_in(case, dir, sock, &backing, "raw")
 }
 
-/// base.raw in `dir` and a top of `case`'s format over `backing`.
-fn setup_in(case: &Case, dir: tempfile::TempDir, sock: PathBuf, backing: &str) -> Setup {
+/// base.raw in `dir` (and base.qcow2, the same content, when `backing_fmt`
+/// is qcow2) and a top of `case`'s format over `backing` in `backing_fmt`.
+fn setup_in(
+    case: &Case,
+    dir: tempfile::TempDir,
+    sock: PathBuf,
+    backing: &str,
+    backing_fmt: &str,
+) -> Setup {
     let basep = dir.path().join("base.raw");
     let base = base_content(SIZE);
     write_base(&basep, &base);
+    if backing_fmt == "qcow2" {
+        let q = dir.path().join("base.qcow2");
+        run_ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-q",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                basep.to_str().unwrap(),
+                q.to_str().unwrap(),
+            ],
+        );
+    }
     let top = dir.path().join(format!("top.{}", case.format));
     let mut args = vec!["create", "-q", "-u", "-f", case.format];
     if !case.options.is_empty() {
         args.extend(["-o", case.options]);
     }
     let sz = SIZE.to_string();
-    args.extend(["-b", backing, "-F", "raw", top.to_str().unwrap(), &sz]);
+    args.extend(["-b", backing, "-F", backing_fmt, top.to_str().unwrap(), &sz]);
     run_ok("qemu-img", &args);
     Setup {
         dir,
@@ -421,14 +444,15 @@ async fn backing_outages_follow_the_outage_policy() {
 
 // ---- the HTTP backing ------------------------------------------------------
 
-/// An overlay whose backing is `base.raw` served by nginx over HTTP.
-fn http_setup(case: &Case) -> (Setup, http::testing::Nginx) {
+/// An overlay whose backing is `base.<backing_fmt>` (raw or qcow2) served by
+/// nginx over HTTP.
+fn http_setup(case: &Case, backing_fmt: &str) -> (Setup, http::testing::Nginx) {
     let dir = tempfile::tempdir().unwrap();
-    // Serves the directory; base.raw is written into it next.
+    // Serves the directory; the base is written into it next.
     let nginx = http::testing::Nginx::start(dir.path(), "").expect("nginx");
-    let url = nginx.url("base.raw");
+    let url = nginx.url(&format!("base.{backing_fmt}"));
     let sock = dir.path().join("unused.sock");
-    (setup_in(case, dir, sock, &url), nginx)
+    (setup_in(case, dir, sock, &url, backing_fmt), nginx)
 }
 
 async fn http_open(s: &Setup, window: Duration) -> Arc<Image> {
@@ -454,14 +478,29 @@ async fn http_open(s: &Setup, window: Duration) -> Arc<Image> {
 async fn http_backing_outages_follow_the_outage_policy() {
     for case in overlay_cases() {
         let mut survived = 0;
-        let (s, mut nginx) = http_setup(&case);
+        let (s, mut nginx) = http_setup(&case, "raw");
         let img = http_open(&s, Duration::from_secs(30)).await;
         down_up_within_window(&case, &s, img, &mut nginx).await;
         survived += 1;
-        let (s, mut nginx) = http_setup(&case);
+        let (s, mut nginx) = http_setup(&case, "raw");
         let img = http_open(&s, Duration::from_millis(500)).await;
         down_past_window(&case, &s, img, &mut nginx).await;
         survived += 1;
         println!("outage.http.{}.survived={survived}", case.name);
     }
+}
+
+/// A qcow2 backing over HTTP: the qcow2 engine reads the remote file through
+/// a storage layer, and its outage must reach the stream as an outage too
+/// (the job pauses past the window; it failed with an I/O error before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_qcow2_backing_outages_follow_the_outage_policy() {
+    let case = &overlay_cases()[0];
+    let (s, mut nginx) = http_setup(case, "qcow2");
+    let img = http_open(&s, Duration::from_secs(30)).await;
+    down_up_within_window(case, &s, img, &mut nginx).await;
+    let (s, mut nginx) = http_setup(case, "qcow2");
+    let img = http_open(&s, Duration::from_millis(500)).await;
+    down_past_window(case, &s, img, &mut nginx).await;
+    println!("outage.http_qcow2_backing.{}.survived=2", case.name);
 }

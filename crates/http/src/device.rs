@@ -19,7 +19,7 @@ use image::device::check_range;
 use image::storage::Storage;
 use image::{BlockDevice, DeviceInfo, Error, Extent, ExtentKind, Result, WriteFlags};
 
-use crate::source::HttpSource;
+use crate::source::{HttpError, HttpSource};
 
 /// A remote raw file as a read-only block device.
 #[derive(Debug)]
@@ -137,7 +137,12 @@ impl Storage for HttpStorage {
         let data = self
             .runtime
             .block_on(self.source.read(offset, inside))
-            .map_err(io::Error::other)?;
+            .map_err(|e| match e {
+                // Past the retry window: the engine above reports the
+                // outage (a stream pauses), not a plain I/O error.
+                HttpError::Unavailable { .. } => image::error::unavailable_io(e.to_string()),
+                e => io::Error::other(e),
+            })?;
         buf[..inside].copy_from_slice(&data);
         Ok(())
     }

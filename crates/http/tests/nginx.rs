@@ -196,12 +196,14 @@ async fn an_outage_inside_the_window_is_retried() {
     assert!(got == data[1 << 20..2 << 20]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outage_beyond_the_window_fails_with_an_io_error() {
+/// Past the window a read fails with EIO, as the outage (`Unavailable`, on
+/// which a stream job pauses and probes), whether the engine reads the
+/// remote file itself (raw) or runs a format over it (qcow2).
+async fn an_outage_beyond_the_window_fails_as_unavailable(name: &str, format: &str) {
     let (_dir, mut nginx, _data) = setup("");
     let dev = open(
-        &nginx.url("base.qcow2"),
-        "qcow2",
+        &nginx.url(name),
+        format,
         HttpOptions {
             retry_window: Some(Duration::from_millis(300)),
             ..quick()
@@ -211,11 +213,22 @@ async fn an_outage_beyond_the_window_fails_with_an_io_error() {
     dev.read(0, 65536).await.unwrap();
     nginx.stop();
     let e = dev.read(2 << 20, 65536).await.unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
-    assert!(e.to_string().contains("no answer after"), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{format}: {e}");
+    assert_eq!(e.errno(), 5, "{format}: EIO expected: {e}");
+    assert!(e.to_string().contains("no answer after"), "{format}: {e}");
     // Back again, reads work again: nothing was left broken.
     nginx.start_again().unwrap();
     dev.read(2 << 20, 65536).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_beyond_the_window_fails_as_unavailable_raw() {
+    an_outage_beyond_the_window_fails_as_unavailable("base.raw", "raw").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_beyond_the_window_fails_as_unavailable_qcow2() {
+    an_outage_beyond_the_window_fails_as_unavailable("base.qcow2", "qcow2").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

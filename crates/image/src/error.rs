@@ -101,6 +101,13 @@ impl Error {
 
     pub fn kind(&self) -> ErrorKind {
         match self {
+            // A storage layer over the network (a qcow2 file read over HTTP)
+            // past its retry window: the outage, not a failed read.
+            Error::Io { source, .. }
+                if source.get_ref().is_some_and(|e| e.is::<UnavailableIo>()) =>
+            {
+                ErrorKind::Unavailable
+            }
             // StorageFull without an errno: an ENOSPC reply of an NBD peer.
             Error::Io { source, .. }
                 if source.raw_os_error() == Some(libc::ENOSPC)
@@ -144,5 +151,18 @@ impl Error {
         }
     }
 }
+
+/// The [`io::Error`] a [`Storage`](crate::storage::Storage) over the network
+/// returns when its remote stopped answering for longer than its window:
+/// storage errors reach callers as [`Error::Io`], and this one makes its
+/// [`Error::kind`] [`ErrorKind::Unavailable`], so a format engine running
+/// over a remote file follows the outage policy like a remote device does.
+pub fn unavailable_io(message: String) -> io::Error {
+    io::Error::other(UnavailableIo(message))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UnavailableIo(String);
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
