@@ -7,6 +7,9 @@
 //! has disconnected; SIGINT/SIGTERM stop it gracefully (in-flight requests
 //! finish and the image is flushed and closed). `--tls-cert`/`--tls-key`
 //! make TLS required (qemu-nbd's `--tls-creds` with an x509 object).
+//! `--copy-on-read` keeps what clients read from an overlay's backing in the
+//! overlay (QEMU's `copy-on-read=on` drive option), so a VM booting from the
+//! export populates its own disk.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +63,11 @@ pub struct ServeArgs {
     /// Private key (PEM) for --tls-cert.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Populate IMAGE from client reads: data read from its backing chain
+    /// is written into IMAGE, so the next read of it is local (QEMU's
+    /// copy-on-read). Needs a writable export.
+    #[arg(long, conflicts_with = "read_only")]
+    pub copy_on_read: bool,
     /// Report connection errors on stderr.
     #[arg(short = 'v', long)]
     pub verbose: bool,
@@ -89,6 +97,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("opening {}", args.image.display()))?;
     if args.record_profile.is_some() {
         img.access().start_profile(img.info().granularity.max(512));
+    }
+    if args.copy_on_read {
+        img.set_copy_on_read(true, None);
     }
     let listener = match (&args.socket, &args.bind) {
         (Some(p), _) => Listener::bind_unix(p)?,
