@@ -157,6 +157,19 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
+/// Tables must end at or below this offset: qemu's `qcow2_validate_table`
+/// hands offsets to functions taking int64_t.
+const TABLE_END_MAX: u64 = i64::MAX as u64;
+/// The fixed part of a snapshot table entry (qemu's QCowSnapshotHeader),
+/// the per-entry size qemu's header check uses.
+const SNAPSHOT_HEADER_LEN: u64 = 40;
+
+fn table_ends_in_range(offset: u64, bytes: u64) -> bool {
+    offset
+        .checked_add(bytes)
+        .is_some_and(|end| end <= TABLE_END_MAX)
+}
+
 fn invalid(path: &Path, message: String) -> Error {
     Error::InvalidImage {
         path: path.to_owned(),
@@ -318,16 +331,39 @@ impl Header {
                 format!("l1_size {l1_size} is too small for size {size} (needs {l1_needed})"),
             ));
         }
-        if l1_size > 0 && (!l1_table_offset.is_multiple_of(cluster_size) || l1_table_offset == 0) {
+        // qemu (qcow2_validate_table) checks the alignment even of an empty
+        // L1 table, and that every table ends at or below i64::MAX.
+        if !l1_table_offset.is_multiple_of(cluster_size) {
             return Err(invalid(
                 path,
                 format!("l1_table_offset {l1_table_offset:#x} is not cluster aligned"),
             ));
         }
-        if !refcount_table_offset.is_multiple_of(cluster_size) || refcount_table_offset == 0 {
+        if l1_size > 0 && l1_table_offset == 0 {
+            return Err(invalid(
+                path,
+                format!("l1_table_offset 0 with l1_size {l1_size} puts the L1 table on the header"),
+            ));
+        }
+        if !table_ends_in_range(l1_table_offset, u64::from(l1_size) * 8) {
+            return Err(invalid(
+                path,
+                format!(
+                    "l1_table_offset {l1_table_offset:#x} with l1_size {l1_size} ends past \
+                     {TABLE_END_MAX:#x}"
+                ),
+            ));
+        }
+        if !refcount_table_offset.is_multiple_of(cluster_size) {
             return Err(invalid(
                 path,
                 format!("refcount_table_offset {refcount_table_offset:#x} is not cluster aligned"),
+            ));
+        }
+        if refcount_table_offset == 0 {
+            return Err(invalid(
+                path,
+                "refcount_table_offset 0 puts the refcount table on the header".into(),
             ));
         }
         if refcount_table_clusters == 0
@@ -341,16 +377,62 @@ impl Header {
                 ),
             ));
         }
+        if !table_ends_in_range(
+            refcount_table_offset,
+            u64::from(refcount_table_clusters) * cluster_size,
+        ) {
+            return Err(invalid(
+                path,
+                format!(
+                    "refcount_table_offset {refcount_table_offset:#x} with \
+                     refcount_table_clusters {refcount_table_clusters} ends past \
+                     {TABLE_END_MAX:#x}"
+                ),
+            ));
+        }
         if nb_snapshots > MAX_SNAPSHOTS {
             return Err(invalid(
                 path,
                 format!("nb_snapshots {nb_snapshots} is above {MAX_SNAPSHOTS}"),
             ));
         }
-        if nb_snapshots > 0 && !snapshots_offset.is_multiple_of(cluster_size) {
+        // As qemu on a normal open: aligned even when there are no snapshots.
+        if !snapshots_offset.is_multiple_of(cluster_size) {
             return Err(invalid(
                 path,
                 format!("snapshots_offset {snapshots_offset:#x} is not cluster aligned"),
+            ));
+        }
+        if nb_snapshots > 0 && snapshots_offset == 0 {
+            return Err(invalid(
+                path,
+                format!(
+                    "snapshots_offset 0 with nb_snapshots {nb_snapshots} puts the snapshot table \
+                     on the header"
+                ),
+            ));
+        }
+        if !table_ends_in_range(
+            snapshots_offset,
+            u64::from(nb_snapshots) * SNAPSHOT_HEADER_LEN,
+        ) {
+            return Err(invalid(
+                path,
+                format!(
+                    "snapshots_offset {snapshots_offset:#x} with nb_snapshots {nb_snapshots} ends \
+                     past {TABLE_END_MAX:#x}"
+                ),
+            ));
+        }
+        if backing_file_offset > cluster_size {
+            // qemu: "Invalid backing file offset", whatever the size (it
+            // also bounds the extensions).
+            return Err(invalid(
+                path,
+                format!(
+                    "backing_file_offset {backing_file_offset} is past the first cluster \
+                     ({cluster_size} bytes)"
+                ),
             ));
         }
         // Extensions: between the header and the backing name (or the end of
@@ -412,13 +494,13 @@ impl Header {
             }
             at += 8 + (len as usize).next_multiple_of(8);
         }
-        if backing_file_offset != 0 {
-            if backing_file_size == 0 || backing_file_size > MAX_BACKING_NAME {
+        // qemu reads a backing_file_size of 0 as an empty name, which means
+        // no backing file: so does diskstream.
+        if backing_file_offset != 0 && backing_file_size != 0 {
+            if backing_file_size > MAX_BACKING_NAME {
                 return Err(invalid(
                     path,
-                    format!(
-                        "backing_file_size {backing_file_size} is outside 1..={MAX_BACKING_NAME}"
-                    ),
+                    format!("backing_file_size {backing_file_size} is above {MAX_BACKING_NAME}"),
                 ));
             }
             // A hostile offset near u64::MAX must not wrap around.
@@ -782,5 +864,458 @@ mod tests {
                 "unknown feature bit 9".to_string()
             ]
         );
+    }
+
+    // ---- Limits: a round trip exactly at each limit, and one rejection
+    // just past it, whose message names the field. ----
+
+    /// Encodes `h` with the crate's writer, pads it to one cluster (as the
+    /// engine reads it), decodes it and checks every field came back.
+    fn round_trip(h: &Header) -> Vec<u8> {
+        let mut b = h.encode(p()).unwrap();
+        b.resize(h.cluster_size() as usize, 0);
+        assert_eq!(Header::decode(&b, p()).unwrap(), *h);
+        b
+    }
+
+    /// `sample()` with the given cluster size: table offsets moved to
+    /// multiples of it and the L1 table sized for `size`.
+    fn sample_with_cluster_bits(cluster_bits: u32) -> Header {
+        let cs = 1u64 << cluster_bits;
+        let mut h = sample();
+        h.cluster_bits = cluster_bits;
+        h.refcount_table_offset = cs;
+        h.l1_table_offset = 2 * cs;
+        h.l1_size = Header::l1_entries_for(h.size, cluster_bits) as u32;
+        h
+    }
+
+    #[test]
+    fn header_round_trips_a_backing_name_of_max_backing_name_bytes() {
+        let mut h = sample();
+        h.backing_name = Some("b".repeat(MAX_BACKING_NAME as usize));
+        let b = round_trip(&h);
+        assert_eq!(be32(&b, 16), MAX_BACKING_NAME);
+    }
+
+    #[test]
+    fn header_rejects_backing_file_size_one_past_max_backing_name() {
+        let mut b = encoded();
+        b[16..20].copy_from_slice(&(MAX_BACKING_NAME + 1).to_be_bytes());
+        expect_invalid(&b, "backing_file_size 1024 is above 1023");
+    }
+
+    #[test]
+    fn encode_refuses_a_backing_name_one_past_max_backing_name() {
+        let mut h = sample();
+        h.backing_name = Some("b".repeat(MAX_BACKING_NAME as usize + 1));
+        let e = h.encode(p()).unwrap_err().to_string();
+        assert!(e.contains("backing file name length 1024"), "{e}");
+    }
+
+    #[test]
+    fn encode_refuses_an_empty_backing_name() {
+        let mut h = sample();
+        h.backing_name = Some(String::new());
+        let e = h.encode(p()).unwrap_err().to_string();
+        assert!(e.contains("backing file name length 0"), "{e}");
+    }
+
+    /// qemu reads a backing_file_size of 0 as an empty name, which it takes
+    /// as no backing file; diskstream does the same instead of refusing.
+    #[test]
+    fn header_reads_backing_file_size_0_as_no_backing_file() {
+        let mut b = encoded();
+        b[16..20].copy_from_slice(&0u32.to_be_bytes());
+        assert_ne!(be64(&b, 8), 0);
+        let d = Header::decode(&b, p()).unwrap();
+        let mut want = sample();
+        want.backing_name = None;
+        assert_eq!(d, want);
+        // Written back without a backing file.
+        assert_eq!(be64(&d.encode(p()).unwrap(), 8), 0);
+    }
+
+    #[test]
+    fn header_rejects_backing_file_offset_past_the_first_cluster() {
+        // With a size of 0 as well: qemu refuses the offset before it
+        // looks at the size.
+        for size in [0u32, 8] {
+            let mut b = encoded();
+            b[8..16].copy_from_slice(&65537u64.to_be_bytes());
+            b[16..20].copy_from_slice(&size.to_be_bytes());
+            expect_invalid(&b, "backing_file_offset 65537 is past the first cluster");
+        }
+    }
+
+    #[test]
+    fn header_rejects_a_backing_file_name_that_is_not_utf8() {
+        let mut b = encoded();
+        let at = be64(&b, 8) as usize;
+        b[at] = 0xff;
+        expect_invalid(&b, "backing file name is not UTF-8");
+    }
+
+    #[test]
+    fn header_rejects_a_backing_format_that_is_not_utf8() {
+        let mut b = encoded();
+        // The backing format extension comes first: type, length, "raw".
+        let at = V3_HEADER_LEN as usize;
+        assert_eq!(be32(&b, at), EXT_BACKING_FORMAT);
+        b[at + 8] = 0xff;
+        expect_invalid(&b, "backing format is not UTF-8");
+    }
+
+    /// The largest virtual size the parser accepts: the L1 limit bounds it
+    /// below the 2^62 size limit (2 MiB clusters, 2^22 L1 entries, 2^18 L2
+    /// entries: 2^61 bytes).
+    #[test]
+    fn header_round_trips_the_largest_virtual_size() {
+        let mut h = sample_with_cluster_bits(MAX_CLUSTER_BITS);
+        h.l1_size = (MAX_L1_BYTES / 8) as u32;
+        h.size = 1 << 61;
+        assert_eq!(Header::l1_entries_for(h.size, h.cluster_bits), 1 << 22);
+        round_trip(&h);
+    }
+
+    #[test]
+    fn header_rejects_size_one_byte_past_the_largest_l1() {
+        let mut h = sample_with_cluster_bits(MAX_CLUSTER_BITS);
+        h.l1_size = (MAX_L1_BYTES / 8) as u32;
+        h.size = (1 << 61) + 1;
+        let mut b = h.encode(p()).unwrap();
+        b.resize(h.cluster_size() as usize, 0);
+        expect_invalid(
+            &b,
+            "l1_size 4194304 is too small for size 2305843009213693953",
+        );
+    }
+
+    #[test]
+    fn header_rejects_size_one_past_2_62() {
+        let mut b = encoded();
+        b[24..32].copy_from_slice(&((1u64 << 62) + 1).to_be_bytes());
+        expect_invalid(&b, "size 4611686018427387905 is above 2^62");
+    }
+
+    #[test]
+    fn header_round_trips_max_l1_size() {
+        let mut h = sample();
+        h.l1_size = (MAX_L1_BYTES / 8) as u32;
+        round_trip(&h);
+    }
+
+    #[test]
+    fn header_rejects_l1_size_one_past_the_limit() {
+        let mut b = encoded();
+        b[36..40].copy_from_slice(&((MAX_L1_BYTES / 8) as u32 + 1).to_be_bytes());
+        expect_invalid(&b, "l1_size 4194305 is above the limit");
+    }
+
+    #[test]
+    fn header_round_trips_max_nb_snapshots() {
+        let mut h = sample();
+        h.nb_snapshots = MAX_SNAPSHOTS;
+        h.snapshots_offset = 0x40000;
+        round_trip(&h);
+    }
+
+    #[test]
+    fn header_round_trips_the_smallest_and_largest_cluster_bits() {
+        for cluster_bits in [MIN_CLUSTER_BITS, MAX_CLUSTER_BITS] {
+            let mut h = sample_with_cluster_bits(cluster_bits);
+            // A 512-byte cluster has no room for the feature name table
+            // next to the backing name (the writer would drop it).
+            h.feature_table = None;
+            round_trip(&h);
+        }
+    }
+
+    #[test]
+    fn header_round_trips_extended_l2_at_the_smallest_cluster_bits() {
+        let mut h = sample_with_cluster_bits(MIN_CLUSTER_BITS_EXTL2);
+        h.incompatible_features |= INCOMPAT_EXTL2;
+        h.l1_size = Header::l1_entries_ext(h.size, h.cluster_bits, true) as u32;
+        round_trip(&h);
+    }
+
+    #[test]
+    fn header_round_trips_every_refcount_order() {
+        for order in 0..=6 {
+            let mut h = sample();
+            h.refcount_order = order;
+            round_trip(&h);
+        }
+    }
+
+    #[test]
+    fn header_round_trips_max_refcount_table_clusters_for_every_cluster_size() {
+        for cluster_bits in MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS {
+            let mut h = sample_with_cluster_bits(cluster_bits);
+            h.feature_table = None;
+            h.refcount_table_clusters = (MAX_REFTABLE_BYTES >> cluster_bits) as u32;
+            // The L1 table after the refcount table.
+            h.l1_table_offset =
+                h.refcount_table_offset + u64::from(h.refcount_table_clusters) * h.cluster_size();
+            round_trip(&h);
+        }
+    }
+
+    #[test]
+    fn header_rejects_refcount_table_clusters_one_past_the_limit() {
+        let mut b = encoded();
+        b[56..60].copy_from_slice(&129u32.to_be_bytes());
+        expect_invalid(&b, "refcount_table_clusters 129 is outside 1..=128");
+    }
+
+    #[test]
+    fn header_rejects_refcount_table_clusters_0() {
+        // qemu: "Image does not contain a reference count table".
+        let mut b = encoded();
+        b[56..60].copy_from_slice(&0u32.to_be_bytes());
+        expect_invalid(&b, "refcount_table_clusters 0 is outside 1..=128");
+    }
+
+    #[test]
+    fn header_rejects_refcount_table_offset_0() {
+        let mut b = encoded();
+        b[48..56].copy_from_slice(&0u64.to_be_bytes());
+        expect_invalid(
+            &b,
+            "refcount_table_offset 0 puts the refcount table on the header",
+        );
+    }
+
+    #[test]
+    fn header_round_trips_the_last_refcount_table_offset() {
+        // The table's last byte at or below i64::MAX (qemu's bound).
+        let mut h = sample();
+        h.refcount_table_offset = (1 << 63) - 2 * 65536;
+        round_trip(&h);
+    }
+
+    #[test]
+    fn header_rejects_refcount_table_offset_ending_past_i64_max() {
+        let mut b = encoded();
+        b[48..56].copy_from_slice(&((1u64 << 63) - 65536).to_be_bytes());
+        expect_invalid(&b, "refcount_table_offset 0x7fffffffffff0000 with");
+    }
+
+    #[test]
+    fn header_rejects_l1_table_offset_0_with_l1_size_above_0() {
+        let mut b = encoded();
+        b[40..48].copy_from_slice(&0u64.to_be_bytes());
+        expect_invalid(&b, "l1_table_offset 0 with l1_size 2");
+    }
+
+    #[test]
+    fn header_round_trips_an_empty_l1_table_at_offset_0() {
+        let mut h = sample();
+        h.size = 0;
+        h.l1_size = 0;
+        h.l1_table_offset = 0;
+        round_trip(&h);
+    }
+
+    #[test]
+    fn header_rejects_l1_table_offset_unaligned_with_l1_size_0() {
+        // qemu checks the alignment of an empty L1 table too.
+        let mut b = encoded();
+        b[24..32].copy_from_slice(&0u64.to_be_bytes());
+        b[36..40].copy_from_slice(&0u32.to_be_bytes());
+        b[40..48].copy_from_slice(&0x30200u64.to_be_bytes());
+        expect_invalid(&b, "l1_table_offset 0x30200 is not cluster aligned");
+    }
+
+    #[test]
+    fn header_round_trips_the_last_l1_table_offset() {
+        // 8191 entries end 8 bytes below 2^63.
+        let mut h = sample();
+        h.l1_table_offset = (1 << 63) - 65536;
+        h.l1_size = 8191;
+        round_trip(&h);
+    }
+
+    #[test]
+    fn header_rejects_l1_table_offset_ending_past_i64_max() {
+        let mut b = encoded();
+        b[36..40].copy_from_slice(&8192u32.to_be_bytes());
+        b[40..48].copy_from_slice(&((1u64 << 63) - 65536).to_be_bytes());
+        expect_invalid(
+            &b,
+            "l1_table_offset 0x7fffffffffff0000 with l1_size 8192 ends past",
+        );
+    }
+
+    #[test]
+    fn header_rejects_snapshots_offset_unaligned() {
+        let mut b = encoded();
+        b[60..64].copy_from_slice(&1u32.to_be_bytes());
+        b[64..72].copy_from_slice(&0x40200u64.to_be_bytes());
+        expect_invalid(&b, "snapshots_offset 0x40200 is not cluster aligned");
+    }
+
+    #[test]
+    fn header_rejects_snapshots_offset_unaligned_with_nb_snapshots_0() {
+        // As qemu on a normal open (qcow2_validate_table).
+        let mut b = encoded();
+        b[64..72].copy_from_slice(&0x40200u64.to_be_bytes());
+        expect_invalid(&b, "snapshots_offset 0x40200 is not cluster aligned");
+    }
+
+    #[test]
+    fn header_rejects_snapshots_offset_0_with_nb_snapshots_above_0() {
+        let mut b = encoded();
+        b[60..64].copy_from_slice(&1u32.to_be_bytes());
+        expect_invalid(&b, "snapshots_offset 0 with nb_snapshots 1");
+    }
+
+    #[test]
+    fn header_round_trips_the_last_snapshots_offset() {
+        // 1638 entries of 40 bytes end 16 bytes below 2^63.
+        let mut h = sample();
+        h.snapshots_offset = (1 << 63) - 65536;
+        h.nb_snapshots = 1638;
+        round_trip(&h);
+    }
+
+    #[test]
+    fn header_rejects_snapshots_offset_ending_past_i64_max() {
+        let mut b = encoded();
+        b[60..64].copy_from_slice(&1639u32.to_be_bytes());
+        b[64..72].copy_from_slice(&((1u64 << 63) - 65536).to_be_bytes());
+        expect_invalid(
+            &b,
+            "snapshots_offset 0x7fffffffffff0000 with nb_snapshots 1639 ends past",
+        );
+    }
+
+    #[test]
+    fn header_rejects_version_1() {
+        let mut b = encoded();
+        b[4..8].copy_from_slice(&1u32.to_be_bytes());
+        expect_invalid(&b, "version 1");
+    }
+
+    #[test]
+    fn header_rejects_a_v3_header_truncated_below_104_bytes() {
+        let b = encoded();
+        expect_invalid(&b[..103], "version 3 header is truncated");
+    }
+
+    #[test]
+    fn header_rejects_a_buffer_shorter_than_the_v2_header() {
+        // Reported as not a qcow2 image (the magic check covers the length).
+        let b = encoded();
+        expect_invalid(&b[..V2_HEADER_LEN as usize - 1], "magic");
+    }
+
+    #[test]
+    fn header_rejects_header_length_103() {
+        let mut b = encoded();
+        b[100..104].copy_from_slice(&103u32.to_be_bytes());
+        expect_invalid(&b, "header_length 103 is below 104");
+    }
+
+    /// At 104 bytes there is no compression type field: byte 104 is the
+    /// first extension's type and must not be read as one.
+    #[test]
+    fn header_round_trips_header_length_104() {
+        let mut h = sample();
+        h.header_length = 104;
+        let b = round_trip(&h);
+        assert_eq!(b[104], (EXT_BACKING_FORMAT >> 24) as u8);
+    }
+
+    #[test]
+    fn header_round_trips_header_length_equal_to_the_cluster_size() {
+        // The writer always ends the extensions with 8 zero bytes, so it
+        // fills a 512-byte cluster with a 504-byte header; those bytes then
+        // become the header's last ones.
+        let mut h = sample_with_cluster_bits(MIN_CLUSTER_BITS);
+        h.header_length = 504;
+        h.backing_name = None;
+        h.backing_format = None;
+        h.feature_table = None;
+        h.other_extensions.clear();
+        let mut b = h.encode(p()).unwrap();
+        assert_eq!(b.len(), 512);
+        b[100..104].copy_from_slice(&512u32.to_be_bytes());
+        h.header_length = 512;
+        assert_eq!(Header::decode(&b, p()).unwrap(), h);
+    }
+
+    #[test]
+    fn header_rejects_header_length_one_past_the_cluster_size() {
+        let mut b = encoded();
+        b[100..104].copy_from_slice(&65537u32.to_be_bytes());
+        expect_invalid(&b, "header_length 65537 exceeds the cluster size 65536");
+    }
+
+    /// The extension limit on its own: a 2 MiB cluster without a backing
+    /// name has room for the payload, so only MAX_EXTENSION_LEN refuses it.
+    /// (The writer keeps header writes within 4 KiB, so these are built by
+    /// hand after the writer's fixed header.)
+    fn with_one_extension(len: u32) -> (Header, Vec<u8>) {
+        let mut h = sample_with_cluster_bits(MAX_CLUSTER_BITS);
+        h.backing_name = None;
+        h.backing_format = None;
+        h.feature_table = None;
+        h.other_extensions.clear();
+        let mut b = h.encode(p()).unwrap();
+        b.truncate(V3_HEADER_LEN as usize);
+        b.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend(std::iter::repeat_n(0xa5, len as usize));
+        b.resize(h.cluster_size() as usize, 0);
+        h.other_extensions = vec![(0x1234_5678, vec![0xa5; len as usize])];
+        (h, b)
+    }
+
+    #[test]
+    fn header_reads_an_extension_of_max_extension_len() {
+        let (h, b) = with_one_extension(MAX_EXTENSION_LEN);
+        assert_eq!(Header::decode(&b, p()).unwrap(), h);
+    }
+
+    #[test]
+    fn header_rejects_an_extension_one_past_max_extension_len() {
+        let (_, b) = with_one_extension(MAX_EXTENSION_LEN + 1);
+        expect_invalid(&b, "header extension 0x12345678 at 112 of length 65537");
+    }
+
+    #[test]
+    fn header_round_trips_zstd_with_the_compression_type_bit() {
+        let mut h = sample();
+        h.compression_type = COMPRESSION_ZSTD;
+        h.incompatible_features |= INCOMPAT_COMPRESSION;
+        round_trip(&h);
+        check_compression_type(&h, p()).unwrap();
+    }
+
+    #[test]
+    fn compression_type_zlib_with_the_compression_type_bit_is_refused() {
+        let mut h = sample();
+        h.incompatible_features |= INCOMPAT_COMPRESSION;
+        let e = check_compression_type(&h, p()).unwrap_err().to_string();
+        assert!(e.contains("compression_type is 0"), "{e}");
+    }
+
+    #[test]
+    fn compression_type_zstd_without_the_compression_type_bit_is_refused() {
+        let mut h = sample();
+        h.compression_type = COMPRESSION_ZSTD;
+        let e = check_compression_type(&h, p()).unwrap_err().to_string();
+        assert!(e.contains("compression_type 1"), "{e}");
+    }
+
+    #[test]
+    fn compression_type_2_is_unsupported() {
+        let mut h = sample();
+        h.compression_type = 2;
+        h.incompatible_features |= INCOMPAT_COMPRESSION;
+        let e = check_compression_type(&h, p()).unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        assert!(e.to_string().contains("compression_type 2"), "{e}");
     }
 }
