@@ -223,11 +223,48 @@ const MAX_ATTEMPTS: u32 = 16;
 
 type Stream = (crate::tls::BoxRead, crate::tls::BoxWrite);
 
+/// TCP keepalive on client connections: idle this long before the first
+/// probe, then a probe every [`KEEPALIVE_INTERVAL`], the connection declared
+/// dead after [`KEEPALIVE_PROBES`] unanswered ones. Request timeouts catch a
+/// peer that stops answering requests; keepalive catches one whose host
+/// vanished (no FIN, no RST) while no request was outstanding, so the
+/// reconnect starts before the next guest read has to wait for it.
+const KEEPALIVE_IDLE_SECS: libc::c_int = 30;
+const KEEPALIVE_INTERVAL: libc::c_int = 10;
+const KEEPALIVE_PROBES: libc::c_int = 3;
+
+fn enable_keepalive(s: &TcpStream) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let set = |level, name, value: libc::c_int| {
+        // SAFETY: setsockopt on a socket this stream owns, with a c_int
+        // value of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECS)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE_INTERVAL)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES)
+}
+
 async fn dial(addr: &Address) -> io::Result<Stream> {
     Ok(match addr {
         Address::Tcp { host, port } => {
             let s = TcpStream::connect((host.as_str(), *port)).await?;
             s.set_nodelay(true)?;
+            enable_keepalive(&s)?;
             let (r, w) = s.into_split();
             (Box::new(r), Box::new(w))
         }
@@ -314,7 +351,14 @@ async fn negotiate(
                 "server sent data after accepting STARTTLS".into(),
             ));
         }
-        let (r, w) = crate::tls::connect(tls, rd.into_inner(), wr)
+        let name = match (&tls.server_name, &target.address) {
+            (n, _) if !n.is_empty() => n.as_str(),
+            (_, Address::Tcp { host, .. }) => host.as_str(),
+            // A Unix socket has no host name: QEMU's default for
+            // tls-hostname there is "localhost" too.
+            (_, Address::Unix { .. }) => "localhost",
+        };
+        let (r, w) = crate::tls::connect(tls, name, rd.into_inner(), wr)
             .await
             .map_err(|e| NegoError::Refused(format!("TLS handshake: {e}")))?;
         rd = FrameReader::new(r);
@@ -1450,6 +1494,39 @@ impl Opener for NbdOpener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sockopt(s: &TcpStream, level: libc::c_int, name: libc::c_int) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt into a c_int of the size given.
+        let r = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                level,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        v
+    }
+
+    #[tokio::test]
+    async fn tcp_connections_have_keepalive() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        assert_eq!(sockopt(&s, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 0);
+        enable_keepalive(&s).unwrap();
+        assert_eq!(sockopt(&s, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        let idle = sockopt(&s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE);
+        assert_eq!(idle, KEEPALIVE_IDLE_SECS);
+        let intvl = sockopt(&s, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL);
+        assert_eq!(intvl, KEEPALIVE_INTERVAL);
+        let cnt = sockopt(&s, libc::IPPROTO_TCP, libc::TCP_KEEPCNT);
+        assert_eq!(cnt, KEEPALIVE_PROBES);
+    }
 
     #[test]
     fn parses_qemu_style_uris() {

@@ -102,7 +102,9 @@ pub struct ClientTls {
 }
 
 impl ClientTls {
-    /// Trusts the CA certificates in `ca` (PEM) and expects `server_name`.
+    /// Trusts the CA certificates in `ca` (PEM) and expects `server_name`
+    /// in the server's certificate; an empty name means the host of the URI
+    /// connected to ("localhost" for a Unix socket), as QEMU's default.
     pub fn new(ca: &Path, server_name: &str) -> Result<Self, TlsError> {
         let mut roots = rustls::RootCertStore::empty();
         for c in certs(ca)? {
@@ -114,8 +116,10 @@ impl ClientTls {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        ServerName::try_from(server_name.to_string())
-            .map_err(|_| TlsError::ServerName(server_name.into()))?;
+        if !server_name.is_empty() {
+            ServerName::try_from(server_name.to_string())
+                .map_err(|_| TlsError::ServerName(server_name.into()))?;
+        }
         Ok(ClientTls {
             config: Arc::new(config),
             server_name: server_name.into(),
@@ -139,10 +143,11 @@ pub(crate) async fn accept(
 /// Client side of the upgrade.
 pub(crate) async fn connect(
     tls: &ClientTls,
+    server_name: &str,
     rd: BoxRead,
     wr: BoxWrite,
 ) -> io::Result<(BoxRead, BoxWrite)> {
-    let name = ServerName::try_from(tls.server_name.clone())
+    let name = ServerName::try_from(server_name.to_string())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let s = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config))
         .connect(name, tokio::io::join(rd, wr))
