@@ -23,6 +23,15 @@ mod cmd;
                   image locks QEMU takes."
 )]
 struct Cli {
+    /// Connect to NBD servers (remote backings, `--from` sources) over TLS,
+    /// trusting the CA certificates in this PEM file (QEMU: a tls-creds-x509
+    /// object with endpoint=client and the nbd driver's tls-creds).
+    #[arg(long, global = true, value_name = "PEM")]
+    nbd_tls_ca: Option<std::path::PathBuf>,
+    /// The name the NBD server's certificate must carry (default: the
+    /// URI's host; "localhost" for a Unix socket).
+    #[arg(long, global = true, value_name = "NAME", requires = "nbd_tls_ca")]
+    nbd_tls_hostname: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -59,6 +68,9 @@ enum Command {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Some(ca) = &cli.nbd_tls_ca {
+        cmd::nbd_tls::init(ca, cli.nbd_tls_hostname.as_deref())?;
+    }
     match cli.command {
         Command::Create(a) => cmd::create::run(a).await,
         Command::Info(a) => cmd::info::run(a).await,

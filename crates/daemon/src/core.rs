@@ -1672,8 +1672,13 @@ fn policy_args(
 
 /// The opener for remote backing names: NBD URIs and HTTP(S) URLs.
 pub fn remote_opener() -> Arc<dyn image::open::Opener> {
+    remote_opener_with(nbd::client::ClientOptions::default())
+}
+
+/// [`remote_opener`] with these NBD client options (TLS, reconnect window).
+pub fn remote_opener_with(nbd: nbd::client::ClientOptions) -> Arc<dyn image::open::Opener> {
     Arc::new(image::open::Openers(vec![
-        Arc::new(nbd::client::NbdOpener::default()),
+        Arc::new(nbd::client::NbdOpener { options: nbd }),
         Arc::new(http::HttpOpener::default()),
     ]))
 }

@@ -214,6 +214,15 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
             };
             FormatKind::parse(&bfmt)
                 .map_err(|e| anyhow::anyhow!("{}: backing file {name}: {e}", path.display()))?;
+            if name.starts_with("nbds://") || name.starts_with("nbds+unix://") {
+                // Never write a backing name QEMU cannot open.
+                anyhow::bail!(
+                    "{}: backing file {name}: QEMU has no nbds:// scheme; name the backing \
+                     nbd://... or nbd+unix://... and choose TLS when opening it \
+                     (diskstream --nbd-tls-ca; QEMU: a tls-creds-x509 object and tls-creds)",
+                    path.display()
+                );
+            }
             Some(BackingSpec {
                 name: name.clone(),
                 format: Some(bfmt),

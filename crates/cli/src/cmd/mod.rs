@@ -23,6 +23,7 @@ pub mod info;
 pub mod job;
 pub mod map;
 pub mod migrate;
+pub mod nbd_tls;
 pub mod policy;
 pub mod progress;
 pub mod pull;
@@ -178,7 +179,7 @@ pub async fn walk_chain(
 /// `nbd+unix://`, `http(s)://`): the daemon's opener, so every command that
 /// opens a chain opens the same names.
 pub fn network_opener() -> Arc<dyn Opener> {
-    ::daemon::core::remote_opener()
+    ::daemon::core::remote_opener_with(nbd_tls::client_options())
 }
 
 /// Opens an image with its whole backing chain, read-only.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use image::open::{Opener, is_uri};
 use image::{BlockDevice, OpenOptions};
-use nbd::client::{ClientOptions, NbdClient, NbdOpener, Target};
+use nbd::client::{ClientOptions, NbdClient, Target};
 
 /// How a remote source behaves when it stops answering (DESIGN.md's
 /// outage policy).
@@ -40,18 +40,13 @@ pub struct Source {
 /// The opener for URI backings below a local source (and for images that
 /// name a remote backing): NBD with this source's reconnect window, HTTP(S).
 pub fn opener(opts: &SourceOptions) -> Arc<dyn Opener> {
-    Arc::new(image::open::Openers(vec![
-        Arc::new(NbdOpener {
-            options: client_options(opts),
-        }),
-        Arc::new(http::HttpOpener::default()),
-    ]))
+    ::daemon::core::remote_opener_with(client_options(opts))
 }
 
 fn client_options(opts: &SourceOptions) -> ClientOptions {
     ClientOptions {
         reconnect_window: opts.reconnect_window,
-        ..ClientOptions::default()
+        ..super::nbd_tls::client_options()
     }
 }
 
