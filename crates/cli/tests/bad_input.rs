@@ -299,3 +299,125 @@ fn an_image_that_is_its_own_backing() {
         &["s.qcow2"],
     );
 }
+
+/// Rewrites the type of `img`'s backing format header extension
+/// (0xe2792aca) to one QEMU and diskstream do not know, so that the header
+/// no longer records the backing format (qemu-img 10 refuses to write such
+/// an image: create and rebase -u both want -F).
+fn forget_backing_format(img: &std::path::Path) {
+    let mut b = std::fs::read(img).unwrap();
+    let header_len = u32::from_be_bytes(b[100..104].try_into().unwrap()) as usize;
+    let mut at = header_len;
+    loop {
+        let ty = u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+        let len = u32::from_be_bytes(b[at + 4..at + 8].try_into().unwrap()) as usize;
+        assert_ne!(ty, 0, "{}: no backing format extension", img.display());
+        if ty == 0xe279_2aca {
+            b[at..at + 4].copy_from_slice(&0x0bad_f00d_u32.to_be_bytes());
+            break;
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
+    std::fs::write(img, b).unwrap();
+}
+
+#[test]
+fn json_backing_names_are_refused() {
+    let d = Dir::new();
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "base.raw", "1M"],
+    );
+    let json = format!(
+        r#"json:{{"driver":"raw","file":{{"driver":"file","filename":"{}"}}}}"#,
+        d.s("base.raw")
+    );
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-u", "-b", &json, "-F", "raw", "j.qcow2", "1M",
+        ],
+    );
+    let problem = "json: backing names are not supported";
+    for cmd in ["info", "map"] {
+        fails(
+            &d,
+            &[cmd, "j.qcow2"],
+            "j.qcow2",
+            problem,
+            &["j.qcow2", "base.raw"],
+        );
+    }
+    fails(
+        &d,
+        &["convert", "j.qcow2", "x.raw"],
+        "j.qcow2",
+        problem,
+        &["j.qcow2", "base.raw"],
+    );
+    assert!(!d.path("x.raw").exists());
+}
+
+#[test]
+fn a_backing_without_a_recorded_format_is_refused_not_probed() {
+    let d = Dir::new();
+    // The backing is a qcow2 image whose own backing is gone: a walk that
+    // probed it would open it as qcow2 and fail on gone.raw instead.
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "gone.raw",
+            "-F",
+            "raw",
+            "mid.qcow2",
+            "1M",
+        ],
+    );
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "1M",
+        ],
+    );
+    forget_backing_format(&d.path("top.qcow2"));
+    let info = qemu_ok(&d, "qemu-img", &["info", "-U", "top.qcow2"]);
+    assert!(!info.contains("backing file format"), "{info}");
+    let untouched = ["top.qcow2", "mid.qcow2"];
+    for cmd in ["info", "map"] {
+        fails(
+            &d,
+            &[cmd, "top.qcow2"],
+            "top.qcow2",
+            "backing format",
+            &untouched,
+        );
+    }
+    fails(
+        &d,
+        &["convert", "top.qcow2", "x.raw"],
+        "top.qcow2",
+        "backing format",
+        &untouched,
+    );
+    assert!(!d.path("x.raw").exists());
+}

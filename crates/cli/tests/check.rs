@@ -143,3 +143,30 @@ fn check_repair_refuses_bitmaps_unless_told_to_drop_them() {
     let c = qemu(&d, "qemu-img", &["check", "bm.qcow2"]);
     assert!(c.status.success(), "{}", stderr(&c));
 }
+
+#[test]
+fn repair_with_cache_none_makes_it_clean() {
+    let d = Dir::new();
+    let p = d.path("n.qcow2");
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "n.qcow2", "4M"],
+    );
+    qemu_io(&d, "qcow2", "n.qcow2", &["write -P 1 0 64k"]);
+    // One leaked cluster, as in leaks_exit_3_and_repair_makes_it_clean.
+    let l1 = be64(&p, 40);
+    let l2 = be64(&p, l1) & 0x00ff_ffff_ffff_fe00;
+    poke64(&p, l2, 0);
+    assert_eq!(code(&qemu(&d, "qemu-img", &["check", "n.qcow2"])), 3);
+    let o = ds(&d, &["check", "-t", "none", "n.qcow2"]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    for repair in ["leaks", "all"] {
+        let o = ds(&d, &["check", "-r", repair, "--cache", "none", "n.qcow2"]);
+        assert_eq!(code(&o), 0, "-r {repair}: {}", stderr(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("No errors were found on the image."), "{out}");
+    }
+    let c = qemu(&d, "qemu-img", &["check", "n.qcow2"]);
+    assert_eq!(code(&c), 0, "{}", stderr(&c));
+}

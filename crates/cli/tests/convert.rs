@@ -181,3 +181,56 @@ fn raw_to_qcow2_is_identical() {
     );
     converted_ok(&d, "a.raw", "b.qcow2", "qcow2");
 }
+
+/// The progress figures `    (42.17/100%)` in `out`, in order.
+fn progress_figures(out: &str) -> Vec<f64> {
+    out.split('(')
+        .filter_map(|s| s.split_once("/100%)"))
+        .filter_map(|(n, _)| n.parse().ok())
+        .collect()
+}
+
+#[test]
+fn progress_is_drawn_on_a_terminal_only() {
+    let d = Dir::new();
+    source_chain(&d);
+    // `script` (util-linux) runs the command on a pseudo-terminal and copies
+    // what it writes there, stderr included, to its own stdout.
+    let cmd = format!(
+        "'{}' convert -p -O qcow2 top.qcow2 tty.qcow2",
+        env!("CARGO_BIN_EXE_diskstream")
+    );
+    let o = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .current_dir(d.dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script (util-linux)");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{cmd}: {out}{}", stderr(&o));
+    let figures = progress_figures(&out);
+    assert!(
+        !figures.is_empty(),
+        "no progress drawn on a terminal: {out:?}"
+    );
+    assert!(
+        figures.windows(2).all(|w| w[0] <= w[1]),
+        "progress went backwards: {out:?}"
+    );
+    assert_eq!(figures.last(), Some(&100.0), "{out:?}");
+    assert!(out.contains("    (100.00/100%)"), "{out:?}");
+    converted_ok(&d, "top.qcow2", "tty.qcow2", "qcow2");
+    // Through a pipe there is no terminal: nothing is drawn.
+    let o = ds(
+        &d,
+        &["convert", "-p", "-O", "qcow2", "top.qcow2", "pipe.qcow2"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "", "progress drawn without a terminal");
+    assert!(
+        o.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    converted_ok(&d, "top.qcow2", "pipe.qcow2", "qcow2");
+}

@@ -104,3 +104,21 @@ fn create_with_o_direct_writes_a_valid_image() {
     );
     assert_eq!(qinfo(&d, "d.raw")["virtual-size"], 1u64 << 20);
 }
+
+#[test]
+fn a_default_qcow2_image_is_compat_1_1_with_16_bit_refcounts() {
+    let d = Dir::new();
+    ds_ok(&d, &["create", "-q", "-f", "qcow2", "ours.qcow2", "1M"]);
+    let ours = qinfo(&d, "ours.qcow2");
+    assert_eq!(ours["format-specific"]["type"], "qcow2");
+    let data = &ours["format-specific"]["data"];
+    assert_eq!(data["refcount-bits"], 16, "{data}");
+    assert_eq!(data["compat"], "1.1", "{data}");
+    // The defaults are qemu-img create's.
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "theirs.qcow2", "1M"],
+    );
+    assert_eq!(*data, qinfo(&d, "theirs.qcow2")["format-specific"]["data"]);
+}

@@ -189,3 +189,47 @@ async fn raw_images_lock_like_a_guest_disk() {
         .expect_err("second raw writer");
     assert_eq!(e.kind(), image::ErrorKind::Locked);
 }
+
+#[test]
+fn check_needs_force_share_on_an_image_qemu_io_writes_and_never_repairs_it() {
+    let d = Dir::new();
+    qemu_ok(
+        &d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"],
+    );
+    let p = d.path("a.qcow2");
+    let _h = Holder::start(&d, "qemu-io", &["-f", "qcow2", "a.qcow2"], &p);
+    let before = digest(&p);
+    // Like qemu-img check: a read-only check of an image in use is refused...
+    let o = ds(&d, &["check", "a.qcow2"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("a.qcow2") && err.contains("\"write\" lock"),
+        "{err}"
+    );
+    // ...allowed with -U...
+    let o = ds(&d, &["check", "-U", "a.qcow2"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("No errors were found on the image."));
+    // ...and a repair, which writes, is refused even with -U.
+    let o = ds(&d, &["check", "-U", "-r", "leaks", "a.qcow2"]);
+    assert!(
+        !o.status.success(),
+        "check -U -r leaks repaired an image in use"
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains("a.qcow2") && err.contains("force-share") && err.contains("read-only"),
+        "{err}"
+    );
+    let o = ds(&d, &["check", "-r", "leaks", "a.qcow2"]);
+    assert!(
+        !o.status.success(),
+        "check -r leaks repaired an image in use"
+    );
+    assert!(stderr(&o).contains("lock"), "{}", stderr(&o));
+    assert_eq!(before, digest(&p));
+}

@@ -392,40 +392,8 @@ async fn open_backing(
             opts.max_depth
         )));
     }
-    if spec.name.starts_with("json:") {
-        return Err(fail("json: backing names are not supported".into()));
-    }
-    let probed;
-    let format = match spec.format.as_deref() {
-        Some(f) => f,
-        // QED records no backing format, only "raw, never probe" (which
-        // `Qed::backing` reports as raw). Without that bit qemu probes; so
-        // do we, but only for the formats with a magic: a file that probes
-        // as raw is refused, so a raw backing can never pass itself off as
-        // an image with a backing of its own, nor be taken for one.
-        None if kind == FormatKind::Qed && !is_uri(&spec.name) => {
-            let bpath = resolve_backing_path(image, &spec.name);
-            probed = probe_backing(&bpath)
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-            if probed == FormatKind::Raw {
-                return Err(fail(
-                    "the QED image does not mark its backing as raw (QED_F_BACKING_FORMAT_NO_PROBE) \
-                     and the backing is neither qcow2 nor QED; diskstream never probes a raw \
-                     backing (set it with: qemu-img rebase -u -b NAME -F raw)"
-                        .into(),
-                ));
-            }
-            probed.name()
-        }
-        None => {
-            return Err(fail(
-                "the image does not record the backing format; diskstream never probes a \
-                 backing (set it with: qemu-img rebase -u -b NAME -F FMT)"
-                    .into(),
-            ));
-        }
-    };
+    let format = backing_format(image, kind, spec).await?;
+    let format = format.as_str();
     let bopts = OpenOptions {
         writable: false,
         cache: opts.backing_cache,
@@ -454,6 +422,51 @@ async fn open_backing(
         Ok(img) => Ok(img as Arc<dyn BlockDevice>),
         Err(e @ Error::Backing { .. }) => Err(e),
         Err(e) => Err(fail(e.to_string())),
+    }
+}
+
+/// The format to open the backing `spec` of `image` (of format `kind`)
+/// with, or the refusal of a backing diskstream does not open: a `json:`
+/// name, or one whose format the header does not record (backings are
+/// never probed, but for QED's narrow exception below). [`open`] asks this
+/// before it opens a backing; the CLI's layer-by-layer walk asks it too,
+/// so that both refuse the same backings with the same message.
+pub async fn backing_format(image: &Path, kind: FormatKind, spec: &BackingSpec) -> Result<String> {
+    let fail = |message: String| Error::Backing {
+        path: image.to_owned(),
+        backing: spec.name.clone(),
+        message,
+    };
+    if spec.name.starts_with("json:") {
+        return Err(fail("json: backing names are not supported".into()));
+    }
+    match spec.format.as_deref() {
+        Some(f) => Ok(f.to_string()),
+        // QED records no backing format, only "raw, never probe" (which
+        // `Qed::backing` reports as raw). Without that bit qemu probes; so
+        // do we, but only for the formats with a magic: a file that probes
+        // as raw is refused, so a raw backing can never pass itself off as
+        // an image with a backing of its own, nor be taken for one.
+        None if kind == FormatKind::Qed && !is_uri(&spec.name) => {
+            let bpath = resolve_backing_path(image, &spec.name);
+            let probed = probe_backing(&bpath)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            if probed == FormatKind::Raw {
+                return Err(fail(
+                    "the QED image does not mark its backing as raw (QED_F_BACKING_FORMAT_NO_PROBE) \
+                     and the backing is neither qcow2 nor QED; diskstream never probes a raw \
+                     backing (set it with: qemu-img rebase -u -b NAME -F raw)"
+                        .into(),
+                ));
+            }
+            Ok(probed.name().to_string())
+        }
+        None => Err(fail(
+            "the image does not record the backing format; diskstream never probes a \
+             backing (set it with: qemu-img rebase -u -b NAME -F FMT)"
+                .into(),
+        )),
     }
 }
 

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use image::format::{CheckReport, Repair};
 use image::open::{BackingChoice, OpenOptions};
-use image::{ErrorKind, Image};
+use image::{CacheMode, ErrorKind, Image};
 use serde::Serialize;
 
 use super::{ImageArgs, Output, file_error};
@@ -22,7 +22,7 @@ use crate::cmd::info::to_qemu_json;
 /// Exit status: 0 no problem, 1 check not completed, 2 corruptions found,
 /// 3 only leaks found, 63 the format has no checks. With -r the image is
 /// opened read-write and repaired (leaks: leaked clusters only; all: also
-/// corruptions), then checked again.
+/// corruptions), then checked again; -t sets how it is opened.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Repair: `leaks` or `all`.
@@ -32,6 +32,11 @@ pub struct Args {
     /// a read-write open would otherwise refuse to leave stale.
     #[arg(long = "drop-bitmaps")]
     drop_bitmaps: bool,
+    /// Cache mode of IMAGE: writeback (page cache) or none (O_DIRECT). A
+    /// repair writes the image, and a host that keeps disk images out of
+    /// the page cache wants those writes direct too.
+    #[arg(short = 't', long = "cache", default_value = "writeback")]
+    cache: CacheMode,
     #[command(flatten)]
     common: ImageArgs,
 }
@@ -84,6 +89,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     });
     let opts = OpenOptions {
         writable: repair.is_some(),
+        cache: a.cache,
         force_share: a.common.force_share,
         format: a.common.format.clone(),
         backing: BackingChoice::None,

@@ -10,8 +10,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use image::Image;
-use image::open::{BackingChoice, OpenOptions, Opener, is_uri, resolve_backing_path};
+use image::open::{
+    BackingChoice, OpenOptions, Opener, backing_format, is_uri, resolve_backing_path,
+};
+use image::{FormatKind, Image};
 
 pub mod check;
 pub mod convert;
@@ -141,7 +143,11 @@ pub struct Layer {
 
 /// Opens `path` and each image below it without their backings (every
 /// layer read-only, the backing format taken from the header; a URI
-/// backing ends the walk since the CLI has no network opener).
+/// backing ends the walk since the CLI has no network opener). A backing
+/// the library would not open (a `json:` name, no recorded format) is
+/// refused with the library's own check and message: opening the name as
+/// a path would misreport a `json:` name as a missing file, and opening
+/// without a format would probe the backing, which diskstream never does.
 pub async fn walk_chain(
     path: &Path,
     format: Option<String>,
@@ -161,16 +167,24 @@ pub async fn walk_chain(
             .await
             .map_err(|e| file_error(&cur, e))?;
         let spec = image.backing_spec();
+        let kind =
+            FormatKind::parse(image.format().format_name()).map_err(|e| file_error(&cur, e))?;
         layers.push(Layer {
             filename: cur.display().to_string(),
             image,
         });
         let Some(spec) = spec else { break };
-        if is_uri(&spec.name) || layers.len() >= image::open::MAX_CHAIN_DEPTH as usize {
+        if layers.len() >= image::open::MAX_CHAIN_DEPTH as usize {
+            break;
+        }
+        let backing_fmt = backing_format(&cur, kind, &spec)
+            .await
+            .map_err(|e| file_error(&cur, e))?;
+        if is_uri(&spec.name) {
             break;
         }
         cur = resolve_backing_path(&cur, &spec.name);
-        fmt = spec.format.clone();
+        fmt = Some(backing_fmt);
     }
     Ok(layers)
 }
