@@ -71,6 +71,8 @@ impl NbdAddr {
 struct Running {
     stop: oneshot::Sender<()>,
     task: JoinHandle<std::io::Result<()>>,
+    /// `max-connections` is 1: exports do not offer multi-conn.
+    single_client: bool,
 }
 
 /// One export as QMP sees it.
@@ -160,7 +162,11 @@ impl Exports {
         let task = tokio::spawn(server::run(listener, config, async move {
             let _ = rx.await;
         }));
-        self.server = Some(Running { stop, task });
+        self.server = Some(Running {
+            stop,
+            task,
+            single_client: max_connections == 1,
+        });
         Ok(())
     }
 
@@ -222,8 +228,10 @@ impl Exports {
                 description: description.unwrap_or_default(),
                 device,
                 read_only: !writable,
-                // One Image object serves every connection.
-                multi_conn: true,
+                // One Image object serves every connection; but a server
+                // taking one client at a time does not offer multi-conn
+                // (QEMU: never with max-connections=1).
+                multi_conn: !self.server.as_ref().is_some_and(|r| r.single_client),
             });
         self.recs.push(ExportRec { id, node, name });
         Ok(())

@@ -995,3 +995,43 @@ async fn export_records_an_access_profile_written_at_delete() {
     let p = image::access::Profile::parse(&text).unwrap();
     assert_eq!(p.offsets, vec![3 * UNIT, UNIT]);
 }
+
+/// `nbdinfo --can multi-conn` on the daemon's export of `top`: 0 = offered.
+async fn can_multi_conn(sock: &std::path::Path) -> Option<i32> {
+    let uri = format!("nbd+unix:///top?socket={}", sock.display());
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new("timeout")
+            .args(["-k", "5", "30", "nbdinfo", "--can", "multi-conn", &uri])
+            .output()
+            .unwrap()
+            .status
+            .code()
+    })
+    .await
+    .unwrap()
+}
+
+/// Multi-conn is offered only when the server takes several clients: with
+/// `max-connections` 1 (QEMU never offers it then) a client that opened a
+/// second connection would wait for it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_conn_is_not_offered_with_max_connections_1() {
+    let s = setup().await;
+    let h = &s.handle;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let addr = json!({"type": "unix", "data": {"path": sock.display().to_string()}});
+    let export = json!({"type": "nbd", "id": "vm", "node-name": "top", "writable": true});
+    exec(
+        h,
+        "nbd-server-start",
+        json!({"addr": addr, "max-connections": 1}),
+    )
+    .await;
+    exec(h, "block-export-add", export.clone()).await;
+    assert_eq!(can_multi_conn(&sock).await, Some(2));
+    exec(h, "nbd-server-stop", json!({})).await;
+    exec(h, "nbd-server-start", json!({"addr": addr})).await;
+    exec(h, "block-export-add", export).await;
+    assert_eq!(can_multi_conn(&sock).await, Some(0));
+}

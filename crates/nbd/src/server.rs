@@ -49,9 +49,12 @@ pub struct Export {
     pub device: Arc<dyn BlockDevice>,
     /// Refuse writes even if the device accepts them.
     pub read_only: bool,
-    /// Advertise `CAN_MULTI_CONN`: true only when a flush on one connection
-    /// covers writes completed on every other (one shared device object).
-    /// Read-only exports are always safe and always advertise it.
+    /// Advertise `CAN_MULTI_CONN`: true only when the server takes several
+    /// connections to this export at once and, if it is writable, a flush
+    /// on one connection covers writes completed on every other (one shared
+    /// device object). A client offered it may open several connections
+    /// and wait for all of them (nbdcopy does), so a server limited to one
+    /// client must not offer it even for a read-only export.
     pub multi_conn: bool,
 }
 
@@ -68,11 +71,11 @@ impl Export {
                 | TFLAG_SEND_TRIM
                 | TFLAG_SEND_WRITE_ZEROES
                 | TFLAG_SEND_FAST_ZERO;
-            if self.multi_conn {
-                f |= TFLAG_CAN_MULTI_CONN;
-            }
         } else {
-            f |= TFLAG_READ_ONLY | TFLAG_CAN_MULTI_CONN;
+            f |= TFLAG_READ_ONLY;
+        }
+        if self.multi_conn {
+            f |= TFLAG_CAN_MULTI_CONN;
         }
         f
     }
@@ -831,6 +834,22 @@ fn validate(s: &Session, req: &Request) -> Result<(), (u32, String)> {
     let name = req.command;
     if req.flags & !CMD_FLAGS_KNOWN != 0 {
         return Err((EINVAL, format!("{name}: unknown flags {:#x}", req.flags)));
+    }
+    // A flag is valid only on the commands the spec documents it for (FUA
+    // on all of them), as qemu-nbd checks: a client that sets DF on a
+    // write, say, gets EINVAL rather than a success that means nothing.
+    let valid = CMD_FLAG_FUA
+        | match req.command {
+            Command::Read if s.structured => CMD_FLAG_DF,
+            Command::WriteZeroes => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            Command::BlockStatus => CMD_FLAG_REQ_ONE,
+            _ => 0,
+        };
+    if req.flags & !valid != 0 {
+        return Err((
+            EINVAL,
+            format!("{name}: flags {:#x} do not apply to it", req.flags & !valid),
+        ));
     }
     let writes = matches!(
         req.command,

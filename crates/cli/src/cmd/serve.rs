@@ -120,8 +120,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         description: args.description.clone(),
         device,
         read_only: args.read_only,
-        // One Image object serves every connection: a flush covers them all.
-        multi_conn: true,
+        // One Image object serves every connection, so a flush covers them
+        // all; but a client that opens several connections needs the
+        // server to take them: offered only with --shared above 1, as
+        // qemu-nbd does (nbdcopy waited forever on a second connection).
+        multi_conn: args.shared > 1,
     }]);
     config.max_connections = args.shared;
     config.persistent = args.persistent;
