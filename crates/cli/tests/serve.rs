@@ -1,5 +1,6 @@
-//! `diskstream serve` end to end, driven like qemu-nbd: qemu-img and qemu-io
-//! over a Unix socket; exit after the last client without `--persistent`;
+//! `diskstream serve` end to end, driven like qemu-nbd: qemu-img, qemu-io,
+//! nbdinfo, nbdcopy and fio's nbd engine over a Unix socket, with and
+//! without TLS; exit after the last client without `--persistent`;
 //! `--read-only`; graceful stop on SIGTERM.
 
 use std::path::Path;
@@ -308,4 +309,581 @@ fn serve_copy_on_read_keeps_what_clients_read_in_the_overlay() {
         String::from_utf8_lossy(&o.stderr).contains("--copy-on-read"),
         "{o:?}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// The NBD clients used with qemu-nbd (nbdinfo, nbdcopy, fio's nbd engine,
+// qemu-img, qemu-io, over TLS too) against the `diskstream serve` binary;
+// results compared byte for byte with the image behind the export.
+
+const MIB: u64 = 1 << 20;
+
+/// A `serve --persistent` child on a Unix socket. `stop` sends SIGTERM and
+/// asserts a clean exit; a test that fails first kills it on drop.
+struct Server {
+    child: Child,
+    sock: std::path::PathBuf,
+    stopped: bool,
+}
+
+impl Server {
+    fn start(sock: &Path, args: &[&str]) -> Server {
+        let mut all = vec!["--persistent", "-k", sock.to_str().unwrap()];
+        all.extend(args);
+        Server {
+            child: start(&all, sock, true),
+            sock: sock.to_path_buf(),
+            stopped: false,
+        }
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+
+    fn stop(mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = wait_exit(&mut self.child, Duration::from_secs(10));
+        self.stopped = true;
+        assert!(status.success(), "serve exited with {status}");
+        assert!(!self.sock.exists(), "socket file left behind");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Asserts the tool succeeded; its stdout.
+fn ok(o: Output) -> String {
+    assert!(o.status.success(), "{o:?}");
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Deterministic bytes without long zero runs.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A sparse raw file of `size` bytes with `len` bytes of noise at `off`
+/// (the rest a hole); its content.
+fn sparse_raw(path: &Path, size: u64, off: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let data = noise(len, off ^ size);
+    f.write_all_at(&data, off).unwrap();
+    let mut content = vec![0u8; size as usize];
+    content[off as usize..off as usize + len].copy_from_slice(&data);
+    content
+}
+
+/// (start, length, NBD base:allocation type: 1 = hole, 2 = zero), adjacent
+/// runs of one type merged.
+type Run = (u64, u64, u32);
+
+fn merged(runs: impl IntoIterator<Item = Run>) -> Vec<Run> {
+    let mut out: Vec<Run> = Vec::new();
+    for (s, l, t) in runs {
+        if let Some(last) = out.last_mut()
+            && last.2 == t
+            && last.0 + last.1 == s
+        {
+            last.1 += l;
+            continue;
+        }
+        out.push((s, l, t));
+    }
+    out
+}
+
+/// `qemu-img map --output=json` of `target` (a file or an NBD URI) as
+/// runs: what is not data is a hole, zero reads are zero.
+fn qemu_map(fmt: &str, target: &str) -> Vec<Run> {
+    let o = tool("qemu-img", &["map", "--output=json", "-f", fmt, target]);
+    let out = ok(o);
+    let map: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    merged(map.iter().map(|e| {
+        let t = u32::from(e["data"] != true) | u32::from(e["zero"] == true) << 1;
+        (
+            e["start"].as_u64().unwrap(),
+            e["length"].as_u64().unwrap(),
+            t,
+        )
+    }))
+}
+
+/// `nbdinfo --map URI` (base:allocation) as runs.
+fn nbdinfo_map(uri: &str) -> Vec<Run> {
+    let out = ok(tool("nbdinfo", &["--map", uri]));
+    merged(out.lines().map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        assert!(f.len() >= 3, "{out}");
+        (
+            f[0].parse().unwrap(),
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+        )
+    }))
+}
+
+/// `nbdinfo --can FLAG` / `--is FLAG`: true for exit 0, false for exit 2
+/// (the answer is no); any other outcome fails the test.
+fn nbdinfo_flag(kind: &str, flag: &str, uri: &str) -> bool {
+    let o = tool("nbdinfo", &[kind, flag, uri]);
+    match o.status.code() {
+        Some(0) => true,
+        Some(2) => false,
+        _ => panic!("nbdinfo {kind} {flag}: {o:?}"),
+    }
+}
+
+#[test]
+fn serve_nbdinfo_reports_size_map_flags_and_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    let content = sparse_raw(&img, 16 * MIB, 3 * MIB, 2 * MIB as usize + 4096);
+    let sock = dir.path().join("s.sock");
+    let s = Server::start(
+        &sock,
+        &[
+            "-f",
+            "raw",
+            "-x",
+            "vm0",
+            "-D",
+            "diskstream test disk",
+            img.to_str().unwrap(),
+        ],
+    );
+    let uri = s.uri("vm0");
+    assert_eq!(ok(tool("nbdinfo", &["--size", &uri])).trim(), "16777216");
+    // The allocation map over NBD is the file's, as qemu-img sees it.
+    let file_map = qemu_map("raw", img.to_str().unwrap());
+    assert_eq!(
+        file_map,
+        [
+            (0, 3 * MIB, 3),
+            (3 * MIB, 2 * MIB + 4096, 0),
+            (5 * MIB + 4096, 11 * MIB - 4096, 3)
+        ]
+    );
+    assert_eq!(nbdinfo_map(&uri), file_map);
+    // Multi-conn only where the server takes several clients (--shared
+    // above 1), as qemu-nbd.
+    assert!(!nbdinfo_flag("--can", "multi-conn", &uri));
+    for flag in ["write", "flush", "trim", "zero", "fua"] {
+        assert!(nbdinfo_flag("--can", flag, &uri), "can {flag}");
+    }
+    assert!(!nbdinfo_flag("--is", "read-only", &uri));
+    let list = ok(tool(
+        "nbdinfo",
+        &["--list", &format!("nbd+unix:///?socket={}", sock.display())],
+    ));
+    assert!(list.contains("export=\"vm0\""), "{list}");
+    assert!(list.contains("description: diskstream test disk"), "{list}");
+    assert!(list.contains("export-size: 16777216"), "{list}");
+    // An unknown export name is refused.
+    let o = tool("nbdinfo", &["--size", &s.uri("nope")]);
+    assert!(!o.status.success(), "{o:?}");
+    s.stop();
+    assert!(std::fs::read(&img).unwrap() == content, "image changed");
+}
+
+#[test]
+fn serve_read_only_qcow2_overlay_map_and_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    sparse_raw(&base, 16 * MIB, 3 * MIB, 2 * MIB as usize);
+    let top = dir.path().join("top.qcow2");
+    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+    ok(tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-b", b, "-F", "raw", t],
+    ));
+    ok(tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 0 1M",
+            "-c",
+            "write -z 4M 1M",
+            "-c",
+            "write -P 2 10M 64k",
+            t,
+        ],
+    ));
+    let sock = dir.path().join("s.sock");
+    let s = Server::start(&sock, &["--read-only", "-f", "qcow2", t]);
+    let uri = s.uri("");
+    let file_map = qemu_map("qcow2", t);
+    assert_eq!(
+        file_map,
+        [
+            (0, MIB, 0),
+            (MIB, 2 * MIB, 3),
+            (3 * MIB, MIB, 0),
+            (4 * MIB, 6 * MIB, 3),
+            (10 * MIB, 65536, 0),
+            (10 * MIB + 65536, 6 * MIB - 65536, 3)
+        ]
+    );
+    assert_eq!(nbdinfo_map(&uri), file_map);
+    assert_eq!(qemu_map("raw", &uri), file_map);
+    assert!(nbdinfo_flag("--is", "read-only", &uri));
+    for flag in ["write", "trim", "zero"] {
+        assert!(!nbdinfo_flag("--can", flag, &uri), "can {flag}");
+    }
+    assert!(!nbdinfo_flag("--can", "multi-conn", &uri));
+    let o = tool("qemu-io", &["-f", "raw", "-c", "write 0 512", &uri]);
+    assert!(!o.status.success(), "{o:?}");
+    // The served bytes are the chain's.
+    ok(tool(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "raw", t, &uri],
+    ));
+    s.stop();
+    ok(tool("qemu-img", &["check", "-q", t]));
+}
+
+#[test]
+fn serve_qemu_img_info_map_and_qemu_io_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    let mut content = sparse_raw(&img, 16 * MIB, 3 * MIB, 2 * MIB as usize + 4096);
+    let sock = dir.path().join("s.sock");
+    let s = Server::start(&sock, &["-f", "raw", img.to_str().unwrap()]);
+    let uri = s.uri("");
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(tool("qemu-img", &["info", "--output=json", &uri]))).unwrap();
+    assert_eq!(info["virtual-size"], 16 * MIB, "{info}");
+    assert_eq!(info["format"], "raw", "{info}");
+    let file_map = qemu_map("raw", img.to_str().unwrap());
+    assert_eq!(file_map.len(), 3, "{file_map:?}");
+    assert_eq!(qemu_map("raw", &uri), file_map);
+    assert_eq!(nbdinfo_map(&uri), file_map);
+
+    ok(tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 1M 64k",
+            "-c",
+            "write -z 3M 4k",
+            "-c",
+            "write -P 0x11 16773120 4096",
+            "-c",
+            "flush",
+            &uri,
+        ],
+    ));
+    // Read back in another connection.
+    ok(tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x5a 1M 64k",
+            "-c",
+            "read -P 0 3M 4k",
+            "-c",
+            "read -P 0x11 16773120 4096",
+            "-c",
+            "read -P 0 0 1M",
+            &uri,
+        ],
+    ));
+    // A wrong pattern fails: the check above is real.
+    let o = tool("qemu-io", &["-f", "raw", "-c", "read -P 0x5b 1M 4k", &uri]);
+    assert!(!o.status.success(), "{o:?}");
+    content[MIB as usize..MIB as usize + 65536].fill(0x5a);
+    content[3 * MIB as usize..3 * MIB as usize + 4096].fill(0);
+    content[16 * MIB as usize - 4096..].fill(0x11);
+    s.stop();
+    assert!(
+        std::fs::read(&img).unwrap() == content,
+        "file differs from the writes"
+    );
+}
+
+#[test]
+fn serve_nbdcopy_both_directions_is_byte_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    let content = sparse_raw(&img, 16 * MIB, 3 * MIB, 2 * MIB as usize + 4096);
+    let sock = dir.path().join("s.sock");
+    // nbdcopy opens several connections when the export offers multi-conn:
+    // with the default --shared 1 it must not be offered (nbdcopy hung on
+    // its second connection when it was), with -e 4 it is.
+    let s = Server::start(&sock, &["-f", "raw", img.to_str().unwrap()]);
+    let uri = s.uri("");
+    assert!(!nbdinfo_flag("--can", "multi-conn", &uri));
+    let out = dir.path().join("out.raw");
+    ok(tool("nbdcopy", &[&uri, out.to_str().unwrap()]));
+    assert!(
+        std::fs::read(&out).unwrap() == content,
+        "nbdcopy from the export differs"
+    );
+    s.stop();
+    let s = Server::start(&sock, &["-e", "4", "-f", "raw", img.to_str().unwrap()]);
+    let uri = s.uri("");
+    assert!(nbdinfo_flag("--can", "multi-conn", &uri));
+    let out = dir.path().join("out4.raw");
+    ok(tool("nbdcopy", &[&uri, out.to_str().unwrap()]));
+    assert!(
+        std::fs::read(&out).unwrap() == content,
+        "nbdcopy from the export (4 connections) differs"
+    );
+    let src = dir.path().join("src.raw");
+    let fresh = noise(16 * MIB as usize, 99);
+    std::fs::write(&src, &fresh).unwrap();
+    ok(tool("nbdcopy", &[src.to_str().unwrap(), &uri]));
+    s.stop();
+    assert!(
+        std::fs::read(&img).unwrap() == fresh,
+        "nbdcopy into the export differs"
+    );
+    ok(tool(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            src.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    ));
+}
+
+/// Runs fio with `args` and JSON output; asserts exit 0 and no job error;
+/// (bytes read, bytes written).
+fn fio<S: AsRef<str> + std::fmt::Debug>(dir: &Path, args: &[S]) -> (u64, u64) {
+    let json = dir.join("fio.json");
+    let mut all = vec![
+        "--output-format=json".to_string(),
+        format!("--output={}", json.display()),
+    ];
+    all.extend(args.iter().map(|a| a.as_ref().to_string()));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let o = tool("fio", &all);
+    let text = std::fs::read_to_string(&json).unwrap_or_default();
+    assert!(o.status.success(), "fio {args:?}: {o:?}\n{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let job = &v["jobs"][0];
+    assert_eq!(job["error"], 0, "{text}");
+    (
+        job["read"]["io_bytes"].as_u64().unwrap(),
+        job["write"]["io_bytes"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn serve_fio_random_read_write_with_verify_on_qcow2() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let t = img.to_str().unwrap();
+    ok(tool("qemu-img", &["create", "-q", "-f", "qcow2", t, "16M"]));
+    let sock = dir.path().join("s.sock");
+    let s = Server::start(&sock, &["-f", "qcow2", t]);
+    let uri = format!("--uri={}", s.uri(""));
+    let nbd = [
+        "--ioengine=nbd",
+        &uri,
+        "--bs=4k",
+        "--iodepth=8",
+        "--size=8m",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<String> {
+        nbd.iter().chain(extra).map(|a| a.to_string()).collect()
+    };
+    // A short mixed random run.
+    let (r, w) = fio(
+        dir.path(),
+        &with(&[
+            "--name=randrw",
+            "--rw=randrw",
+            "--runtime=2",
+            "--time_based",
+        ]),
+    );
+    assert!(r > 0 && w > 0, "read {r} written {w}");
+    // Random writes with checksummed blocks, verified by the same job...
+    let verify = [
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+    ];
+    let (r, w) = fio(
+        dir.path(),
+        &with(
+            &[
+                &["--name=write", "--rw=randwrite", "--do_verify=1"],
+                &verify[..],
+            ]
+            .concat(),
+        ),
+    );
+    assert_eq!((r, w), (8 * MIB, 8 * MIB));
+    // ... and by a reader on a new connection.
+    let (r, w) = fio(
+        dir.path(),
+        &with(&[&["--name=verify", "--rw=randread"], &verify[..]].concat()),
+    );
+    assert_eq!((r, w), (8 * MIB, 0));
+    s.stop();
+    ok(tool("qemu-img", &["check", "-q", t]));
+    // The blocks are in the image file: verify them there too, then show
+    // the verification notices a single flipped byte.
+    let raw = dir.path().join("disk.raw");
+    let rp = raw.to_str().unwrap();
+    ok(tool(
+        "qemu-img",
+        &["convert", "-f", "qcow2", "-O", "raw", t, rp],
+    ));
+    let file = format!("--filename={rp}");
+    let local: Vec<&str> = [
+        &[
+            "--name=verify",
+            "--ioengine=psync",
+            &file,
+            "--rw=randread",
+            "--bs=4k",
+            "--size=8m",
+        ],
+        &verify[..],
+    ]
+    .concat();
+    assert_eq!(fio(dir.path(), &local), (8 * MIB, 0));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&raw)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 5_000_000).unwrap();
+        f.write_all_at(&[!b[0]], 5_000_000).unwrap();
+    }
+    let mut all = vec!["--output-format=terse"];
+    all.extend(&local);
+    let o = tool("fio", &all);
+    assert!(!o.status.success(), "corruption not detected: {o:?}");
+}
+
+/// A CA and server/client certificates in QEMU's file names.
+fn make_certs(dir: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-test-certs");
+    let o = Command::new("timeout")
+        .args(["-k", "5", "60"])
+        .arg(script)
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "make-test-certs: {o:?}");
+}
+
+#[test]
+fn serve_tls_serves_tls_clients_and_refuses_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    make_certs(&certs);
+    let img = dir.path().join("disk.raw");
+    let content = sparse_raw(&img, 4 * MIB, MIB, 65536 + 4096);
+    let sock = dir.path().join("s.sock");
+    let cert = certs.join("server-cert.pem");
+    let key = certs.join("server-key.pem");
+    let s = Server::start(
+        &sock,
+        &[
+            "-r",
+            "-e",
+            "4",
+            "-x",
+            "sec",
+            "-f",
+            "raw",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
+    // libnbd (GnuTLS).
+    let tls_uri = format!(
+        "nbds+unix:///sec?socket={}&tls-certificates={}&tls-verify-peer=false",
+        sock.display(),
+        certs.display()
+    );
+    let info = ok(tool("nbdinfo", &[&tls_uri]));
+    assert!(info.contains("newstyle-fixed with TLS"), "{info}");
+    assert_eq!(ok(tool("nbdinfo", &["--size", &tls_uri])).trim(), "4194304");
+    let out = dir.path().join("nbdcopy.raw");
+    ok(tool("nbdcopy", &[&tls_uri, out.to_str().unwrap()]));
+    assert!(std::fs::read(&out).unwrap() == content, "nbdcopy over TLS");
+    // QEMU, verifying the server's certificate against the CA.
+    let qemu_read = |creds: &Path, out: &Path| {
+        tool(
+            "qemu-img",
+            &[
+                "convert",
+                "--object",
+                &format!(
+                    "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+                    creds.display()
+                ),
+                "--image-opts",
+                &format!(
+                    "driver=nbd,server.type=unix,server.path={},export=sec,\
+                     tls-creds=tls0,tls-hostname=localhost",
+                    sock.display()
+                ),
+                "-O",
+                "raw",
+                out.to_str().unwrap(),
+            ],
+        )
+    };
+    let out = dir.path().join("qemu.raw");
+    ok(qemu_read(&certs, &out));
+    assert!(std::fs::read(&out).unwrap() == content, "qemu-img over TLS");
+    // Plaintext clients are refused, at negotiation.
+    let plain = s.uri("sec");
+    let o = tool("nbdinfo", &["--size", &plain]);
+    assert!(!o.status.success(), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("TLS"), "{o:?}");
+    let o = tool("qemu-img", &["info", &plain]);
+    assert!(!o.status.success(), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("TLS"), "{o:?}");
+    // A client trusting another CA does not accept the server.
+    let other = dir.path().join("other");
+    make_certs(&other);
+    let bad = dir.path().join("bad.raw");
+    let o = qemu_read(&other, &bad);
+    assert!(!o.status.success(), "{o:?}");
+    // The server still serves TLS clients after those failures.
+    assert_eq!(ok(tool("nbdinfo", &["--size", &tls_uri])).trim(), "4194304");
+    s.stop();
 }

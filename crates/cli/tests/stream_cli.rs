@@ -3,8 +3,9 @@
 //! after each kill the image checks clean (leaks allowed) and a rerun
 //! completes to the same content.
 
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_diskstream");
@@ -14,8 +15,13 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// Longest any one tool run may take before `timeout` kills it.
+const RUN_LIMIT_SECS: u32 = 300;
+
+/// Runs `cmd` (bounded by `timeout`) and asserts success.
 fn run(cmd: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new(cmd)
+    let out = Command::new("timeout")
+        .args(["-k", "5", &RUN_LIMIT_SECS.to_string(), cmd])
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("{cmd}: {e}"));
@@ -222,6 +228,169 @@ fn sigkill_at_random_moments_leaves_a_valid_resumable_image() {
     check_no_corruption(&top);
 }
 
+/// A peer NBD server process, killed (and reaped) on drop, so it goes
+/// even when an assertion fails.
+struct Peer {
+    name: &'static str,
+    child: Child,
+}
+
+impl Peer {
+    /// Spawns `cmd args` and waits (bounded) until `sock` accepts a
+    /// connection; fails early if the process exits first.
+    fn start(name: &'static str, cmd: &str, args: &[&str], sock: &Path) -> Peer {
+        // Stderr to a file (a pipe nobody reads could fill and block it).
+        let log = sock.with_extension("log");
+        let child = Command::new(cmd)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+        let mut peer = Peer { name, child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(sock).is_err() {
+            if let Some(st) = peer.child.try_wait().unwrap() {
+                let err = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("{name} exited ({st}) before listening: {err}");
+            }
+            assert!(Instant::now() < deadline, "{name} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peer
+    }
+
+    /// Kills the server now and checks it was still running.
+    fn stop(mut self) {
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "{} died during the test",
+            self.name
+        );
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nbd_uri(export: &str, sock: &Path) -> String {
+    format!("nbd+unix:///{export}?socket={}", sock.display())
+}
+
+/// The 64 KiB clusters of a raw image that hold only zeros.
+fn zero_clusters(raw: &Path) -> Vec<bool> {
+    let data = std::fs::read(raw).unwrap();
+    data.chunks(CLUSTER as usize)
+        .map(|c| c.iter().all(|&b| b == 0))
+        .collect()
+}
+
+const CLUSTER: u64 = 64 << 10;
+
+/// What every NBD peer must give: an overlay of `uri` (whose export holds
+/// the bytes of `base_raw`) reads the same as the base, `info` follows the
+/// chain, `stream` copies it all over the network opener, and afterwards
+/// the overlay stands alone, checks clean, equals the base, and allocates
+/// no data where the base was zero.
+fn overlay_streams_over(d: &Path, base_raw: &Path, uri: &str) {
+    let top = d.join("nbd-top.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            uri,
+            "-F",
+            "raw",
+            p(&top),
+        ],
+    );
+    // Through the backing, before any copy: identical to the base.
+    compare(&top, base_raw);
+    let info = run(BIN, &["info", "--output", "json", p(&top)]);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["backing-filename"], uri, "{v}");
+    let out = run(BIN, &["stream", "--output", "json", p(&top)]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outcome"], "completed", "{v}");
+    assert!(!has_backing(&top), "the backing link is still there");
+    // Clean: no leaks either (nothing was killed).
+    let chk = Command::new("timeout")
+        .args(["-k", "5", "60", "qemu-img", "check", p(&top)])
+        .output()
+        .unwrap();
+    assert_eq!(
+        chk.status.code(),
+        Some(0),
+        "qemu-img check: {}{}",
+        String::from_utf8_lossy(&chk.stdout),
+        String::from_utf8_lossy(&chk.stderr)
+    );
+    compare(base_raw, &top);
+    // Zero clusters of the base are not data in the top.
+    let zeros = zero_clusters(base_raw);
+    assert!(zeros.iter().any(|&z| z), "the base has no zero clusters");
+    assert!(zeros.iter().any(|&z| !z), "the base has no data");
+    let out = run("qemu-img", &["map", "--output=json", p(&top)]);
+    let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut data_bytes = 0;
+    for e in &map {
+        if e["data"] != true {
+            continue;
+        }
+        let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        data_bytes += len;
+        for c in start / CLUSTER..(start + len).div_ceil(CLUSTER) {
+            assert!(
+                !zeros[c as usize],
+                "cluster at {} is data in the top but zero in the base: {e}",
+                c * CLUSTER
+            );
+        }
+    }
+    let base_data = zeros.iter().filter(|&&z| !z).count() as u64 * CLUSTER;
+    assert_eq!(
+        data_bytes, base_data,
+        "data in the top differs from the base"
+    );
+}
+
+/// A 16 MiB sparse raw image: pseudo-random data in 64 KiB-aligned runs of
+/// assorted lengths, holes elsewhere.
+fn random_sparse_raw(path: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(16 * MIB).unwrap();
+    let runs: [(u64, u64); 7] = [
+        (0, 256 << 10),
+        (MIB + CLUSTER, 512 << 10),
+        (3 * MIB, CLUSTER),
+        (5 * MIB, 2 * MIB),
+        (9 * MIB + 3 * CLUSTER, 2 * CLUSTER),
+        (12 * MIB + 7 * CLUSTER, 5 * CLUSTER),
+        (16 * MIB - CLUSTER, CLUSTER),
+    ];
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for (off, len) in runs {
+        let buf: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        f.write_all_at(&buf, off).unwrap();
+    }
+}
+
 /// An overlay whose backing is an NBD export (as qemu-img writes it:
 /// `-b nbd+unix:///?socket=... -F raw`): `info` follows the chain and
 /// `stream` copies it all, over the network opener.
@@ -235,8 +404,10 @@ fn stream_and_info_over_an_nbd_backing() {
         &["convert", "-f", "qcow2", "-O", "raw", p(&base), p(&raw)],
     );
     let sock = d.path().join("base.sock");
-    let mut server = Command::new("qemu-nbd")
-        .args([
+    let server = Peer::start(
+        "qemu-nbd",
+        "qemu-nbd",
+        &[
             "-r",
             "-f",
             "raw",
@@ -245,41 +416,73 @@ fn stream_and_info_over_an_nbd_backing() {
             "-k",
             p(&sock),
             p(&raw),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "qemu-nbd did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let top = d.path().join("nbd-top.qcow2");
-    let uri = format!("nbd+unix:///?socket={}", sock.display());
+        ],
+        &sock,
+    );
+    overlay_streams_over(d.path(), &raw, &nbd_uri("", &sock));
+    server.stop();
+}
+
+/// The same over a named export of qemu-storage-daemon (a raw file node).
+#[test]
+fn stream_over_a_qemu_storage_daemon_export() {
+    let d = tempfile::tempdir().unwrap();
+    let raw = d.path().join("base.raw");
+    random_sparse_raw(&raw);
+    let sock = d.path().join("qsd.sock");
+    let server = Peer::start(
+        "qemu-storage-daemon",
+        "qemu-storage-daemon",
+        &[
+            "--blockdev",
+            &format!("driver=file,node-name=f,filename={},read-only=on", p(&raw)),
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", p(&sock)),
+            "--export",
+            "type=nbd,id=e,node-name=f,name=base,writable=off",
+        ],
+        &sock,
+    );
+    overlay_streams_over(d.path(), &raw, &nbd_uri("base", &sock));
+    server.stop();
+}
+
+/// The same over nbdkit's memory plugin, filled from the base by nbdcopy
+/// (its holes stay holes in the plugin's sparse array).
+#[test]
+fn stream_over_an_nbdkit_memory_export() {
+    let d = tempfile::tempdir().unwrap();
+    let raw = d.path().join("base.raw");
+    random_sparse_raw(&raw);
+    let sock = d.path().join("nbdkit.sock");
+    let server = Peer::start(
+        "nbdkit",
+        "nbdkit",
+        &[
+            "-f",
+            "--exit-with-parent",
+            "-U",
+            p(&sock),
+            "memory",
+            "size=16M",
+        ],
+        &sock,
+    );
+    let uri = nbd_uri("", &sock);
+    run("nbdcopy", &[p(&raw), &uri]);
+    // The export now reads as the base, and its holes are holes.
     run(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            &uri,
-            "-F",
-            "raw",
-            p(&top),
-        ],
+        &["compare", "-f", "raw", "-F", "raw", p(&raw), &uri],
     );
-    let info = run(BIN, &["info", "--output", "json", p(&top)]);
-    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-    assert_eq!(v["backing-filename"], uri.as_str(), "{v}");
-    run(BIN, &["stream", "--output", "json", p(&top)]);
-    let _ = server.kill();
-    let _ = server.wait();
-    assert!(!has_backing(&top));
-    check_no_corruption(&top);
-    compare(&raw, &top);
+    let map = run("nbdinfo", &["--map", &uri]);
+    let map = String::from_utf8_lossy(&map.stdout);
+    assert!(
+        map.lines().any(|l| l.contains("hole")),
+        "nbdkit memory holds no holes: {map}"
+    );
+    overlay_streams_over(d.path(), &raw, &uri);
+    server.stop();
 }
 
 /// `serve --record-profile` writes the first-touch order of a client's
