@@ -9,10 +9,11 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use common::{Engine, engine_with_data, open_engine};
 use image::format::Format;
-use image::qcow2::{self, Qcow2, Qcow2Options};
-use image::qed::{self, Qed, QedOptions};
 use image::storage::{MemStorage, Storage};
+
+mod common;
 
 /// Memory storage whose flush, once `hold` is set, waits until released,
 /// and which counts the flushes that returned.
@@ -74,72 +75,16 @@ impl Storage for SlowSync {
 
 const CLUSTER: u64 = 64 * 1024;
 
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Qcow2,
-    Qed,
-}
-
 /// A new image of `kind` on slow-sync storage, with clusters 0 and 1
-/// allocated and the image closed and opened again (so QED's need-check
-/// flag, which a flush may only clear after a quiet time, is clear).
-fn open_allocated(kind: Kind) -> (Arc<SlowSync>, Arc<dyn Format>) {
+/// allocated.
+fn open_allocated(kind: Engine) -> (Arc<SlowSync>, Arc<dyn Format>) {
     let st = Arc::new(SlowSync {
         mem: MemStorage::new("slow-sync.img"),
         ..Default::default()
     });
-    match kind {
-        Kind::Qcow2 => qcow2::create(
-            &*st,
-            &qcow2::CreateOptions {
-                size: 16 * CLUSTER,
-                cluster_size: Some(CLUSTER),
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-        Kind::Qed => qed::create(
-            &*st,
-            &qed::CreateOptions {
-                size: 16 * CLUSTER,
-                cluster_size: Some(CLUSTER),
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    }
-    let storage = || Arc::clone(&st) as Arc<dyn Storage>;
-    let f = open_format(kind, storage(), true);
-    f.write(0, &vec![1u8; 2 * CLUSTER as usize], &[]).unwrap();
-    f.close().unwrap();
-    drop(f);
-    let f = open_format(kind, storage(), true);
+    let data = vec![1u8; 2 * CLUSTER as usize];
+    let f = engine_with_data(kind, &st, 16 * CLUSTER, CLUSTER, &data);
     (st, f)
-}
-
-fn open_format(kind: Kind, storage: Arc<dyn Storage>, writable: bool) -> Arc<dyn Format> {
-    match kind {
-        Kind::Qcow2 => Arc::new(
-            Qcow2::open(
-                storage,
-                &Qcow2Options {
-                    writable,
-                    ..Default::default()
-                },
-            )
-            .unwrap(),
-        ),
-        Kind::Qed => Arc::new(
-            Qed::open(
-                storage,
-                &QedOptions {
-                    writable,
-                    ..Default::default()
-                },
-            )
-            .unwrap(),
-        ),
-    }
 }
 
 /// One test per format for each scenario below.
@@ -147,11 +92,11 @@ macro_rules! per_format {
     ($($scenario:ident: $qcow2:ident, $qed:ident;)*) => {$(
         #[test]
         fn $qcow2() {
-            $scenario(Kind::Qcow2);
+            $scenario(Engine::Qcow2);
         }
         #[test]
         fn $qed() {
-            $scenario(Kind::Qed);
+            $scenario(Engine::Qed);
         }
     )*};
 }
@@ -165,7 +110,7 @@ per_format! {
         qed_a_flush_after_an_allocation_writes_the_tables_before_it_returns;
 }
 
-fn reads_and_writes_go_on_during_a_flush(kind: Kind) {
+fn reads_and_writes_go_on_during_a_flush(kind: Engine) {
     let (st, q) = open_allocated(kind);
     // Overwrite in place (no metadata changes), then flush: the device
     // holds the sync.
@@ -205,7 +150,7 @@ fn reads_and_writes_go_on_during_a_flush(kind: Kind) {
     assert!(buf[CLUSTER as usize..].iter().all(|&b| b == 3));
 }
 
-fn a_flush_writes_the_tables(kind: Kind) {
+fn a_flush_writes_the_tables(kind: Engine) {
     let (st, q) = open_allocated(kind);
     q.write(3 * CLUSTER, &vec![7u8; 4096], &[]).unwrap();
     let before = *st.synced.lock().unwrap();
@@ -221,7 +166,7 @@ fn a_flush_writes_the_tables(kind: Kind) {
     let mut bytes = vec![0u8; st.mem.len().unwrap() as usize];
     st.mem.read_at(&mut bytes, 0).unwrap();
     copy.write_at(&bytes, 0).unwrap();
-    let f = open_format(kind, copy, false);
+    let f = open_engine(kind, copy, false);
     let mut buf = vec![0u8; 4096];
     assert!(f.read(3 * CLUSTER, &mut buf).unwrap().is_empty());
     assert!(buf.iter().all(|&b| b == 7));

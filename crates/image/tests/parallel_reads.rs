@@ -10,10 +10,11 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use common::{Engine, engine_with_data};
 use image::format::{Format, Mapping};
-use image::qcow2::{self, Qcow2, Qcow2Options};
-use image::qed::{self, Qed, QedOptions};
 use image::storage::{MemStorage, Storage};
+
+mod common;
 
 const CLUSTER: u64 = 64 * 1024;
 /// Guest clusters in the image; every one of them is allocated.
@@ -127,12 +128,6 @@ impl Storage for GatedReads {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Qcow2,
-    Qed,
-}
-
 /// The content written to guest cluster `c`: a pattern that differs from
 /// cluster to cluster and from byte to byte within one.
 fn pattern(c: u64, round: u8) -> Vec<u8> {
@@ -142,66 +137,15 @@ fn pattern(c: u64, round: u8) -> Vec<u8> {
 }
 
 /// A new image of `kind` on gated storage with every cluster allocated and
-/// holding `pattern(c, 0)`, closed and opened again (so nothing is cached
-/// and QED's need-check flag is clear).
-fn open_allocated(kind: Kind) -> (Arc<GatedReads>, Arc<dyn Format>) {
+/// holding `pattern(c, 0)`.
+fn open_allocated(kind: Engine) -> (Arc<GatedReads>, Arc<dyn Format>) {
     let st = Arc::new(GatedReads {
         mem: MemStorage::new("gated-reads.img"),
         ..Default::default()
     });
-    match kind {
-        Kind::Qcow2 => qcow2::create(
-            &*st,
-            &qcow2::CreateOptions {
-                size: CLUSTERS * CLUSTER,
-                cluster_size: Some(CLUSTER),
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-        Kind::Qed => qed::create(
-            &*st,
-            &qed::CreateOptions {
-                size: CLUSTERS * CLUSTER,
-                cluster_size: Some(CLUSTER),
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    }
-    let storage = || Arc::clone(&st) as Arc<dyn Storage>;
-    let f = open_format(kind, storage());
     let all: Vec<u8> = (0..CLUSTERS).flat_map(|c| pattern(c, 0)).collect();
-    f.write(0, &all, &[]).unwrap();
-    f.close().unwrap();
-    drop(f);
-    let f = open_format(kind, storage());
+    let f = engine_with_data(kind, &st, CLUSTERS * CLUSTER, CLUSTER, &all);
     (st, f)
-}
-
-fn open_format(kind: Kind, storage: Arc<dyn Storage>) -> Arc<dyn Format> {
-    match kind {
-        Kind::Qcow2 => Arc::new(
-            Qcow2::open(
-                storage,
-                &Qcow2Options {
-                    writable: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap(),
-        ),
-        Kind::Qed => Arc::new(
-            Qed::open(
-                storage,
-                &QedOptions {
-                    writable: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap(),
-        ),
-    }
 }
 
 /// Where guest cluster `c` lives in the file.
@@ -247,11 +191,11 @@ macro_rules! per_format {
     ($($scenario:ident: $qcow2:ident, $qed:ident;)*) => {$(
         #[test]
         fn $qcow2() {
-            $scenario(Kind::Qcow2);
+            $scenario(Engine::Qcow2);
         }
         #[test]
         fn $qed() {
-            $scenario(Kind::Qed);
+            $scenario(Engine::Qed);
         }
     )*};
 }
@@ -262,7 +206,7 @@ per_format! {
         qed_reads_and_writes_of_allocated_clusters_go_on_while_a_data_read_is_held;
 }
 
-fn other_io_goes_on_while_a_data_read_is_held(kind: Kind) {
+fn other_io_goes_on_while_a_data_read_is_held(kind: Engine) {
     const A: u64 = 3;
     const B: u64 = 9;
     const C: u64 = 12;

@@ -253,3 +253,76 @@ pub async fn check_agrees_with_qemu(path: &Path) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The engines with a metadata lock of their own, for the tests that run
+/// one concurrency scenario on each.
+#[derive(Clone, Copy, Debug)]
+pub enum Engine {
+    Qcow2,
+    Qed,
+}
+
+/// Opens `storage` as an image of `engine`.
+pub fn open_engine(engine: Engine, storage: Arc<dyn Storage>, writable: bool) -> Arc<dyn Format> {
+    match engine {
+        Engine::Qcow2 => Arc::new(
+            image::qcow2::Qcow2::open(
+                storage,
+                &image::qcow2::Qcow2Options {
+                    writable,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        ),
+        Engine::Qed => Arc::new(
+            image::qed::Qed::open(
+                storage,
+                &image::qed::QedOptions {
+                    writable,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        ),
+    }
+}
+
+/// A new `size`-byte image of `engine` with `cluster`-byte clusters on `st`,
+/// `data` written at offset 0, closed and opened again read-write (so
+/// nothing is cached and QED's need-check flag, which a flush may only
+/// clear after a quiet time, is clear).
+pub fn engine_with_data<S: Storage + 'static>(
+    engine: Engine,
+    st: &Arc<S>,
+    size: u64,
+    cluster: u64,
+    data: &[u8],
+) -> Arc<dyn Format> {
+    match engine {
+        Engine::Qcow2 => qcow2::create(
+            &**st,
+            &qcow2::CreateOptions {
+                size,
+                cluster_size: Some(cluster),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+        Engine::Qed => image::qed::create(
+            &**st,
+            &image::qed::CreateOptions {
+                size,
+                cluster_size: Some(cluster),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    }
+    let storage = || Arc::clone(st) as Arc<dyn Storage>;
+    let f = open_engine(engine, storage(), true);
+    f.write(0, data, &[]).unwrap();
+    f.close().unwrap();
+    drop(f);
+    open_engine(engine, storage(), true)
+}
