@@ -234,29 +234,21 @@ const KEEPALIVE_INTERVAL: libc::c_int = 10;
 const KEEPALIVE_PROBES: libc::c_int = 3;
 
 fn enable_keepalive(s: &TcpStream) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let set = |level, name, value: libc::c_int| {
-        // SAFETY: setsockopt on a socket this stream owns, with a c_int
-        // value of the size given.
-        let r = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                level,
-                name,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    };
-    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECS)?;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE_INTERVAL)?;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES)
+    use crate::sockopt::set;
+    set(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set(
+        s,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPIDLE,
+        KEEPALIVE_IDLE_SECS,
+    )?;
+    set(
+        s,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPINTVL,
+        KEEPALIVE_INTERVAL,
+    )?;
+    set(s, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES)
 }
 
 async fn dial(addr: &Address) -> io::Result<Stream> {
@@ -1496,21 +1488,7 @@ mod tests {
     use super::*;
 
     fn sockopt(s: &TcpStream, level: libc::c_int, name: libc::c_int) -> libc::c_int {
-        use std::os::fd::AsRawFd;
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt into a c_int of the size given.
-        let r = unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                level,
-                name,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(r, 0, "{}", io::Error::last_os_error());
-        v
+        crate::sockopt::get(s, level, name).unwrap()
     }
 
     #[tokio::test]

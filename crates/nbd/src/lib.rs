@@ -12,4 +12,5 @@ pub mod codec;
 pub mod conn;
 pub mod fuzzing;
 pub mod server;
+mod sockopt;
 pub mod tls;

@@ -199,19 +199,7 @@ const UNIX_SEND_BUFFER: libc::c_int = 1 << 20;
 
 /// Best effort: a refusal leaves the default, which works, only slower.
 fn enlarge_send_buffer(s: &tokio::net::UnixStream) {
-    use std::os::fd::AsRawFd;
-    let size = UNIX_SEND_BUFFER;
-    // SAFETY: `s` owns a valid socket for the whole call; the option value
-    // points at a live c_int and its length is that of a c_int.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    let _ = crate::sockopt::set(s, libc::SOL_SOCKET, libc::SO_SNDBUF, UNIX_SEND_BUFFER);
 }
 
 impl Drop for Listener {
@@ -1014,21 +1002,7 @@ mod tests {
     use super::*;
 
     fn send_buffer(s: &tokio::net::UnixStream) -> libc::c_int {
-        use std::os::fd::AsRawFd;
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: valid socket, and `v`/`len` are live for the call.
-        let r = unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(r, 0, "{}", io::Error::last_os_error());
-        v
+        crate::sockopt::get(s, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap()
     }
 
     #[tokio::test]
