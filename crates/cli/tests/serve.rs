@@ -88,7 +88,7 @@ fn serve_is_compatible_with_qemu_img_and_exits_after_the_last_client() {
         true,
     );
     let uri = format!("nbd+unix:///vm0?socket={}", sock.display());
-    let o = tool(
+    ok(tool(
         "qemu-img",
         &[
             "compare",
@@ -99,13 +99,11 @@ fn serve_is_compatible_with_qemu_img_and_exits_after_the_last_client() {
             img.to_str().unwrap(),
             &uri,
         ],
-    );
-    assert!(o.status.success(), "{o:?}");
-    let o = tool(
+    ));
+    ok(tool(
         "qemu-io",
         &["-f", "raw", "-c", "write -P 0x77 0 65536", &uri],
-    );
-    assert!(o.status.success(), "{o:?}");
+    ));
     // SIGTERM: graceful stop, exit status 0, the write is in the file.
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -168,12 +166,11 @@ fn serve_reports_a_missing_image_and_a_bad_format() {
 /// Bytes of `[off, off + len)` that `qemu-img map` says `top` itself holds
 /// (depth 0) as data (`data`) or as zeros (`!data`).
 fn local_bytes(top: &Path, off: u64, len: u64, data: bool) -> u64 {
-    let o = tool(
+    let out = ok(tool(
         "qemu-img",
         &["map", "--output=json", "-f", "qcow2", top.to_str().unwrap()],
-    );
-    assert!(o.status.success(), "{o:?}");
-    let map: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    ));
+    let map: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     map.iter()
         .filter(|e| e["depth"] == 0 && e["data"] == data)
         .map(|e| {
@@ -192,7 +189,7 @@ fn serve_and_read(top: &Path, sock: &Path, extra: &[&str]) {
     args.push(top.to_str().unwrap());
     let mut child = start(&args, sock, false);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
-    let o = tool(
+    ok(tool(
         "qemu-io",
         &[
             "-f",
@@ -203,8 +200,7 @@ fn serve_and_read(top: &Path, sock: &Path, extra: &[&str]) {
             "read 300000 5000",
             &uri,
         ],
-    );
-    assert!(o.status.success(), "{o:?}");
+    ));
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
 }
 
@@ -215,7 +211,7 @@ fn serve_copy_on_read_keeps_what_clients_read_in_the_overlay() {
     let sock = dir.path().join("s.sock");
     let overlay = |name: &str| {
         let top = dir.path().join(name);
-        let o = tool(
+        ok(tool(
             "qemu-img",
             &[
                 "create",
@@ -228,8 +224,7 @@ fn serve_copy_on_read_keeps_what_clients_read_in_the_overlay() {
                 "raw",
                 top.to_str().unwrap(),
             ],
-        );
-        assert!(o.status.success(), "{o:?}");
+        ));
         top
     };
     // Without the option, reads leave the overlay as it was.
@@ -250,7 +245,7 @@ fn serve_copy_on_read_keeps_what_clients_read_in_the_overlay() {
     assert_eq!(local_bytes(&top, 2 << 20, 2 << 20, false), 0);
     let o = tool("qemu-img", &["check", "-q", top.to_str().unwrap()]);
     assert!(o.status.success(), "qemu-img check: {o:?}");
-    let o = tool(
+    ok(tool(
         "qemu-img",
         &[
             "compare",
@@ -261,11 +256,10 @@ fn serve_copy_on_read_keeps_what_clients_read_in_the_overlay() {
             top.to_str().unwrap(),
             base.to_str().unwrap(),
         ],
-    );
-    assert!(o.status.success(), "{o:?}");
+    ));
     // Local data is the base's: detached from its backing, the overlay
     // still holds the bytes that were read.
-    let o = tool(
+    ok(tool(
         "qemu-img",
         &[
             "rebase",
@@ -276,10 +270,9 @@ fn serve_copy_on_read_keeps_what_clients_read_in_the_overlay() {
             "qcow2",
             top.to_str().unwrap(),
         ],
-    );
-    assert!(o.status.success(), "{o:?}");
+    ));
     let raw = dir.path().join("cor.raw");
-    let o = tool(
+    ok(tool(
         "qemu-img",
         &[
             "convert",
@@ -290,8 +283,7 @@ fn serve_copy_on_read_keeps_what_clients_read_in_the_overlay() {
             top.to_str().unwrap(),
             raw.to_str().unwrap(),
         ],
-    );
-    assert!(o.status.success(), "{o:?}");
+    ));
     let got = std::fs::read(&raw).unwrap();
     let want = std::fs::read(&base).unwrap();
     assert!(got[1 << 20..2 << 20] == want[1 << 20..2 << 20]);
